@@ -1,0 +1,35 @@
+"""VAE on the embedded 8x8 digits (no download): the default genflax job.
+
+    python -m genflax.main --config configs/vae_digits.py --workdir runs/vae_digits
+    python -m genflax.main --config configs/vae_digits.py:smoke --workdir /tmp/vae_smoke
+
+Variants (the `:arg`): `conv` for the convolutional encoder/decoder, `smoke`
+for a seconds-long run with tiny networks (tests). Combine with commas:
+`:conv,smoke`.
+"""
+import ml_collections
+
+from genflax import defaults
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  variants = set(filter(None, arg.split(",")))
+  c = defaults.base("vae", "digits", batch_size=128)
+  c.model = ml_collections.ConfigDict(dict(
+      arch="conv" if "conv" in variants else "mlp",
+      hidden=(256, 256),           # dense widths (encoder order; the decoder mirrors)
+      channels=(32, 64),           # stride-2 convs, arch=conv only
+      latent_dim=16,
+      likelihood="discretized_gaussian",  # bernoulli | gaussian | discretized_gaussian
+      obs_sigma=0.1,               # likelihood=gaussian only
+      beta=1.0,                    # weight of the KL term (beta-VAE)
+      conditional=False,           # labels into encoder and decoder
+  ))
+  c.train.update(num_steps=6000, log_every_steps=200, eval_every_steps=2000,
+                 ckpt_every_steps=1000)
+  c.eval.update(iwae_k=64, final_iwae_k=1000, iwae_chunk=100)
+  if "smoke" in variants:
+    defaults.smoke(c)
+    c.model.update(hidden=(32,), channels=(8, 8), latent_dim=4)
+    c.eval.update(iwae_k=4, final_iwae_k=8)
+  return c

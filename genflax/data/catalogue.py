@@ -1,0 +1,132 @@
+"""Loads an image dataset by tfds name into numpy arrays.
+
+genflax reads tfds data without TensorFlow, through `as_data_source()`, so a
+catalogue dataset must have been prepared in a random-access format
+(array_record). `digits` is prepared here on first use; every other dataset
+is prepared once with the tfds CLI and copied over.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from genflax.data import digits
+from genflax.errors import UserError
+
+_CHUNK = 8192  # records decoded per read; bounds the list of dicts in memory
+_NUM_LEVELS = {"digits": 17, "binarized_mnist": 2}  # default: 256 (uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What models need to know about a dataset."""
+  name: str
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  num_classes: int  # 0 when the dataset has no labels
+  num_levels: int  # distinct pixel values: 17 for digits, 256 for uint8
+  num_train: int
+  num_test: int
+
+
+class DatasetNotPreparedError(UserError):
+  """A catalogue dataset that is not in the data dir; genflax never downloads."""
+
+
+Arrays = dict[str, np.ndarray]
+
+
+def load(name: str,
+         data_dir: str | None = None) -> tuple[Arrays, Arrays, DatasetInfo]:
+  """Returns (train, test, info) for the tfds dataset `name`.
+
+  train/test: {"image": uint8 [N, H, W, C], "label": int32 [N]}, without
+  "label" when info.num_classes == 0. data_dir None means tfds's default
+  (TFDS_DATA_DIR or ~/tensorflow_datasets).
+  """
+  if name == "digits":
+    builder = digits.prepared_builder(data_dir)
+  else:
+    builder = _catalogue_builder(name, data_dir)
+  image_shape, num_classes = _describe(builder)
+  source = _data_source(builder)
+  train, test = (_read(source[s], image_shape, num_classes > 0)
+                 for s in _splits(builder, "train", "test"))
+  info = DatasetInfo(name, image_shape, num_classes,
+                     _NUM_LEVELS.get(name, 256), len(train["image"]),
+                     len(test["image"]))
+  return train, test, info
+
+
+def _catalogue_builder(name, data_dir):
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise UserError(
+        f"unknown dataset {name!r}: it is neither 'digits' nor a tfds "
+        "catalogue name (https://www.tensorflow.org/datasets/catalog)"
+    ) from None
+  if not builder.is_prepared():
+    root = builder.data_dir_root
+    raise DatasetNotPreparedError(
+        f"dataset {name!r} is not prepared: nothing in {builder.data_dir}. "
+        "genflax does not download; on a machine with internet and "
+        f"TensorFlow run `tfds build {name} --data_dir={root} "
+        f"--file_format=array_record`, then copy {root}/{name} into {root} "
+        "here (or point data_dir at the copy)")
+  return builder
+
+
+def _describe(builder):
+  """Returns (image_shape (H, W, C), num_classes) from the tfds features."""
+  features = builder.info.features
+  name = builder.info.name
+  if "image" not in features:
+    raise UserError(f"dataset {name!r} has no 'image' feature; genflax's "
+                    "image models need one")
+  image = features["image"]
+  shape = tuple(image.shape) + (1,) * (len(image.shape) == 2)  # HxW -> HxWx1
+  if len(shape) != 3 or None in shape or np.dtype(image.np_dtype) != np.uint8:
+    raise UserError(f"dataset {name!r} has images of shape {image.shape} and "
+                    f"dtype {image.np_dtype}; genflax needs fixed-size uint8")
+  label = features["label"] if "label" in features else None
+  num_classes = label.num_classes if isinstance(
+      label, tfds.features.ClassLabel) else 0
+  return shape, num_classes
+
+
+def _data_source(builder):
+  try:
+    return builder.as_data_source()
+  except NotImplementedError:
+    # Only tfrecord-prepared data lands here: reading it needs TensorFlow.
+    name = builder.info.name
+    raise UserError(
+        f"dataset {name!r} in {builder.data_dir} is stored as "
+        f"{builder.info.file_format.value}, which genflax cannot read without "
+        f"TensorFlow; rebuild it with `tfds build {name} "
+        f"--data_dir={builder.data_dir_root} --file_format=array_record` "
+        "into an empty directory") from None
+
+
+def _splits(builder, *names):
+  missing = [s for s in names if s not in builder.info.splits]
+  if missing:
+    raise UserError(f"dataset {builder.info.name!r} lacks split(s) {missing}; "
+                    f"it has {list(builder.info.splits)}")
+  return names
+
+
+def _read(source, image_shape, has_label):
+  """Decodes a data source into {"image": uint8 [N, H, W, C], "label": [N]}."""
+  n = len(source)
+  images = np.empty((n, *image_shape), np.uint8)
+  labels = np.empty((n,), np.int32)
+  for start in range(0, n, _CHUNK):
+    records = source.__getitems__(range(start, min(start + _CHUNK, n)))
+    stop = start + len(records)
+    images[start:stop] = np.stack([r["image"] for r in records]).reshape(
+        -1, *image_shape)
+    if has_label:
+      labels[start:stop] = [r["label"] for r in records]
+  return {"image": images, "label": labels} if has_label else {"image": images}

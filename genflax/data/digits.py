@@ -1,0 +1,72 @@
+"""The digits dataset that ships inside scikit-learn, as a local tfds builder.
+
+Being real data that needs no download, it is what smoke runs and tests train
+on, so it goes through the same tfds format (array_record) as catalogue data.
+"""
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+NUM_TRAIN = 1437  # of 1,797; the other 360 are the test split
+
+
+class Digits(tfds.core.GeneratorBasedBuilder):
+  """sklearn's `load_digits()`: 1,797 real 8x8 handwritten digits, 0..16.
+
+  Split: a permutation seeded with 0 puts its first 1,437 images in "train"
+  and the last 360 in "test". Features: image uint8 [8, 8, 1], label 0..9.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Seeded 1,437/360 split of sklearn's digits."}
+  # tfds derives this for builders in packages through `importlib_resources`,
+  # a backport it only installs for Python < 3.9; give it the file directly.
+  code_path = epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        description="sklearn.datasets.load_digits (UCI optdigits test set).",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }),
+        supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # the data comes with scikit-learn
+    from sklearn import datasets  # slow to import; needed only to prepare
+    digits = datasets.load_digits()
+    images = digits.images.astype(np.uint8)[..., None]  # [1797, 8, 8, 1]
+    perm = np.random.default_rng(0).permutation(len(images))
+    train, test = perm[:NUM_TRAIN], perm[NUM_TRAIN:]
+    return {
+        "train": self._generate_examples(images[train], digits.target[train]),
+        "test": self._generate_examples(images[test], digits.target[test]),
+    }
+
+  def _generate_examples(self, images, labels):
+    for i, (image, label) in enumerate(zip(images, labels)):
+      yield i, {"image": image, "label": int(label)}
+
+
+def prepared_builder(data_dir: str | None) -> Digits:
+  """Returns a `Digits` builder reading from data_dir, preparing it if needed."""
+  builder = Digits(data_dir=data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    prepare(builder)
+  return Digits(data_dir=data_dir)
+
+
+def prepare(builder: Digits) -> None:
+  """Prepares `builder`, tolerating another process preparing it at once."""
+  tfds.disable_progress_bar()  # a sub-second build needs no progress bars
+  try:
+    builder.download_and_prepare()
+  except FileExistsError:
+    # tfds writes into a private tmp dir and renames it into place; when a
+    # concurrent process renamed first, our rename fails, and the directory
+    # there is the other process's complete copy.
+    if not builder.is_prepared():
+      raise

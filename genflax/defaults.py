@@ -1,0 +1,49 @@
+"""Config sections that every experiment has, with their defaults.
+
+Config files (`configs/*.py`) start from these and change what differs, so
+a key means the same thing in every experiment. Durations are in steps.
+"""
+import ml_collections
+
+
+def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = task                  # the family module: genflax.tasks.<task>
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      name=dataset,
+      data_dir="",               # "" = tfds's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+      batch_size=batch_size,     # global, over all devices and hosts
+  ))
+  c.optim = optim()
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1000,
+      log_every_steps=100,
+      eval_every_steps=500,
+      ckpt_every_steps=500,
+      keep_checkpoints=3,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=120,            # the last test batch is padded and masked
+      num_images=32,             # test images shown in reconstruction grids
+  ))
+  # Axis sizes of the device mesh; -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = ()          # (logical axis, mesh axis) pairs
+  return c
+
+
+def optim(**overrides) -> ml_collections.ConfigDict:
+  """See genflax.optim for what each key does."""
+  c = ml_collections.ConfigDict(dict(
+      name="adam", lr=1e-3, schedule="cosine", warmup_steps=100, decay_steps=0,
+      end_lr_frac=0.01, weight_decay=0.0, grad_clip=0.0, b1=0.9, b2=0.999))
+  c.update(overrides)
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a run to seconds, for tests: a few steps, each part exercised once."""
+  c.train.update(num_steps=12, log_every_steps=4, eval_every_steps=8, ckpt_every_steps=8)
+  c.optim.warmup_steps = 2
+  return c

@@ -1,0 +1,14 @@
+"""Errors that mean "the user asked for something wrong", not "genflax broke".
+
+`genflax.main` prints their message as one line and exits with status 2,
+without a traceback, so the message itself must say what was wrong and how
+to fix it.
+"""
+
+
+class UserError(Exception):
+  """Bad input: a config value, a missing dataset, a foreign workdir."""
+
+
+class ConfigError(UserError):
+  """A config key or value that cannot be used."""

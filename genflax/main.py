@@ -1,0 +1,96 @@
+"""Runs one experiment: `python -m genflax.main --config configs/X.py[:arg] --workdir DIR`.
+
+Config values are overridden with `--config.a.b=value` (ml_collections
+config flags; the config is locked, so a misspelt key is an error). Bad
+input ends with one line on stderr that says what to fix, and status 2.
+"""
+import difflib
+import importlib.util
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from genflax.errors import ConfigError, UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/vae_digits.py:smoke.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and samples; rerun to resume.")
+
+
+def parse(argv: list[str]):
+  """Parses the command line into (config, workdir), or raises ConfigError."""
+  # absl reports a missing file or an unknown key as a traceback: check first.
+  defaults = load_config(config_spec(argv))
+  keys = flat_keys(defaults)
+  overrides = [a[len("--config."):].partition("=") for a in argv
+               if a.startswith("--config.")]
+  for key, _, _ in overrides:
+    if key not in keys:
+      close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+      hint = f"; did you mean {' or '.join(close)}?" if close else ""
+      raise ConfigError(f"unknown config key {key!r}{hint}")
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as e:
+    bad = [(k, v) for k, _, v in overrides if f"--config.{k}=" in str(e)]
+    if not bad:
+      raise ConfigError(str(e)) from None
+    key, value = bad[0]
+    default = defaults
+    for part in key.split("."):
+      default = default[part]
+    raise ConfigError(f"--config.{key}={value!r} is not a valid "
+                      f"{type(default).__name__} (the default is {default!r})") from None
+  if not _WORKDIR.value:
+    raise ConfigError("--workdir is missing: give a directory for checkpoints and "
+                      "metrics, e.g. --workdir runs/my_run")
+  return _CONFIG.value, _WORKDIR.value
+
+
+def config_spec(argv: list[str]) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  raise ConfigError("--config is missing: name a config file, e.g. "
+                    "--config configs/vae_digits.py")
+
+
+def load_config(spec: str):
+  """`path.py[:arg]` -> the ConfigDict its get_config returns."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config {spec}: there is no file {path!r}")
+  module_spec = importlib.util.spec_from_file_location("genflax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def flat_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys.append(prefix + k)
+    if hasattr(v, "items"):
+      keys += flat_keys(v, prefix + k + ".")
+  return keys
+
+
+def main(argv: list[str]) -> int:
+  try:
+    config, workdir = parse(argv)
+    from genflax import trainer  # Imported late: flag errors need not wait for jax.
+    trainer.train(config, workdir)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

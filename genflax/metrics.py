@@ -1,0 +1,90 @@
+"""Where numbers and pictures go: console, metrics.jsonl, TensorBoard, PNGs.
+
+Only process 0 writes; the others get a writer that drops everything, so
+callers need no `if jax.process_index() == 0`.
+"""
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+class Writer:
+  """One run's outputs in `workdir`: `metrics.jsonl`, TensorBoard events, images/."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.workdir = workdir
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
+    self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def scalars(self, step: int, split: str, values: dict) -> None:
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+    self._jsonl.flush()
+    for k, v in values.items():
+      self._tb.add_scalar(f"{split}/{k}", v, step)
+
+  def image_grid(self, step: int, name: str, grid: np.ndarray) -> str | None:
+    """Writes a [rows, cols, H, W, C] array in [0, 1] as one PNG and to TensorBoard."""
+    if not self.enabled:
+      return None
+    picture = tile(grid)
+    os.makedirs(os.path.join(self.workdir, "images"), exist_ok=True)
+    path = os.path.join(self.workdir, "images", f"{name}_{step:07d}.png")
+    save_png(path, picture)
+    self._tb.add_image(name, picture, step, dataformats="HWC")
+    return path
+
+  def text(self, step: int, name: str, text: str) -> None:
+    if self.enabled:
+      self._tb.add_text(name, text, step)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def tile(grid: np.ndarray, pad: int = 1) -> np.ndarray:
+  """[R, C, H, W, ch] -> one [R*(H+pad)+pad, C*(W+pad)+pad, ch] picture, grey gaps."""
+  rows, cols, h, w, ch = grid.shape
+  out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, ch), 0.5, np.float32)
+  for r in range(rows):
+    for c in range(cols):
+      y, x = pad + r * (h + pad), pad + c * (w + pad)
+      out[y:y + h, x:x + w] = grid[r, c]
+  return out
+
+
+def save_png(path: str, picture: np.ndarray, min_size: int = 256) -> None:
+  """Saves a [H, W, C] float picture in [0, 1]; small ones are enlarged (nearest)."""
+  scale = max(1, math.ceil(min_size / max(picture.shape[:2])))
+  pixels = np.clip(picture * 255 + 0.5, 0, 255).astype(np.uint8)
+  pixels = pixels.repeat(scale, 0).repeat(scale, 1)
+  if pixels.shape[-1] == 1:
+    pixels = pixels[..., 0]
+  Image.fromarray(pixels).save(path)
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def format_values(values: dict) -> str:
+  return "  ".join(f"{k} {v:.4g}" for k, v in values.items())

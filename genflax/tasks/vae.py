@@ -1,0 +1,282 @@
+"""VAE family: MLP or conv encoder/decoder, ELBO training, IWAE evaluation.
+
+Shapes: B batch, H W C image, Z latent size, K importance samples,
+L number of classes (conditional VAE only).
+
+Pixels come as uint8 levels 0..n-1 and are scaled to x in [0, 1]. The
+likelihoods give log p(x|z) in nats per image:
+  bernoulli              x treated as a probability (the usual grey-level VAE);
+  gaussian               fixed sigma (`model.obs_sigma`), a density;
+  discretized_gaussian   learned per-pixel mean and scale, the probability of
+                         x's bin among the n levels: a true discrete likelihood,
+                         so its NLL and bits/dim compare across models.
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.scipy.special import log_ndtr
+
+from genflax import optim
+from genflax.errors import ConfigError
+
+LIKELIHOODS = ("bernoulli", "gaussian", "discretized_gaussian")
+ARCHS = ("mlp", "conv")
+
+
+# ---- Modules
+
+class Encoder(nn.Module):
+  arch: str
+  hidden: tuple[int, ...]
+  channels: tuple[int, ...]
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, x, y=None):
+    """x [B, H, W, C] in [0, 1], y [B, L] one-hot or None -> mu, logvar [B, Z]."""
+    h = x
+    if self.arch == "conv":
+      for ch in self.channels:
+        h = nn.gelu(nn.Conv(ch, (3, 3), strides=2)(h))  # halves H and W
+    h = h.reshape(h.shape[0], -1)
+    if y is not None:
+      h = jnp.concatenate([h, y], -1)
+    for width in self.hidden:
+      h = nn.gelu(nn.Dense(width)(h))
+    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
+
+
+class Decoder(nn.Module):
+  arch: str
+  hidden: tuple[int, ...]
+  channels: tuple[int, ...]
+  image_shape: tuple[int, int, int]
+  num_outputs: int  # per pixel: 1 (logit or mean) or 2 (mean, log-scale)
+
+  @nn.compact
+  def __call__(self, z, y=None):
+    """z [B, Z], y [B, L] or None -> [B, H, W, C, num_outputs]."""
+    b = z.shape[0]
+    h_img, w_img, c_img = self.image_shape
+    h = z if y is None else jnp.concatenate([z, y], -1)
+    for width in reversed(self.hidden):
+      h = nn.gelu(nn.Dense(width)(h))
+    if self.arch == "conv":
+      scale = 2 ** len(self.channels)
+      h = nn.gelu(nn.Dense(h_img // scale * w_img // scale * self.channels[-1])(h))
+      h = h.reshape(b, h_img // scale, w_img // scale, self.channels[-1])
+      for ch in reversed(self.channels):
+        h = nn.gelu(nn.ConvTranspose(ch, (3, 3), strides=(2, 2))(h))  # doubles H, W
+      h = nn.Conv(c_img * self.num_outputs, (3, 3))(h)  # [B, H, W, C * outputs]
+    else:
+      h = nn.Dense(h_img * w_img * c_img * self.num_outputs)(h)
+    return h.reshape(b, h_img, w_img, c_img, self.num_outputs)
+
+
+class VAE(nn.Module):
+  encoder: Encoder
+  decoder: Decoder
+
+  def __call__(self, x, y, rng):
+    """For init: one pass x -> z -> decoder outputs."""
+    mu, logvar = self.encoder(x, y)
+    return self.decoder(reparameterize(rng, mu, logvar), y)
+
+  def encode(self, x, y=None):
+    return self.encoder(x, y)
+
+  def decode(self, z, y=None):
+    return self.decoder(z, y)
+
+
+# ---- Setup and state
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  config: object
+  info: object
+  model: VAE
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+
+def build(config, info) -> Setup:
+  m = config.model
+  if m.likelihood not in LIKELIHOODS:
+    raise ConfigError(f"model.likelihood={m.likelihood!r}: expected one of {LIKELIHOODS}")
+  if m.arch not in ARCHS:
+    raise ConfigError(f"model.arch={m.arch!r}: expected one of {ARCHS}")
+  h, w, _ = info.image_shape
+  if m.arch == "conv" and (h % 2 ** len(m.channels) or w % 2 ** len(m.channels)):
+    raise ConfigError(f"model.channels={tuple(m.channels)}: {len(m.channels)} stride-2 "
+                      f"convs need H and W divisible by {2 ** len(m.channels)}, got {h}x{w}")
+  if m.conditional and not info.num_classes:
+    raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
+  outputs = 2 if m.likelihood == "discretized_gaussian" else 1
+  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim),
+              Decoder(m.arch, tuple(m.hidden), tuple(m.channels), info.image_shape, outputs))
+  return Setup(config, info, model, optim.build(config.optim, config.train.num_steps),
+               optim.schedule(config.optim, config.train.num_steps))
+
+
+def init(setup: Setup, rng) -> dict:
+  x = jnp.zeros((1, *setup.info.image_shape))
+  params = setup.model.init(rng, x, one_hot(setup, jnp.zeros((1,), jnp.int32)), rng)["params"]
+  return {"params": params, "opt_state": setup.tx.init(params)}
+
+
+def learning_rates(setup: Setup, step: int) -> dict:
+  return {"lr": setup.schedule(step)}
+
+
+# ---- Maths
+
+def reparameterize(rng, mu, logvar):
+  return mu + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mu.shape)
+
+
+def kl_to_prior(mu, logvar):
+  """KL(N(mu, exp(logvar)) || N(0, I)) summed over Z: [B, Z] -> [B]."""
+  return 0.5 * jnp.sum(jnp.exp(logvar) + mu**2 - 1.0 - logvar, -1)
+
+
+def gaussian_log_prob(z, mu, logvar):
+  """log N(z; mu, exp(logvar)) summed over the last axis."""
+  return -0.5 * jnp.sum(logvar + (z - mu) ** 2 / jnp.exp(logvar) + math.log(2 * math.pi), -1)
+
+
+def log_likelihood(setup: Setup, out, x):
+  """log p(x|z) in nats: decoder outputs [..., H, W, C, o] and x [..., H, W, C] -> [...]."""
+  kind = setup.config.model.likelihood
+  if kind == "bernoulli":
+    lp = -optax.sigmoid_binary_cross_entropy(out[..., 0], x)
+  elif kind == "gaussian":
+    sigma = setup.config.model.obs_sigma
+    lp = -0.5 * (((x - out[..., 0]) / sigma) ** 2 + math.log(2 * math.pi * sigma**2))
+  else:
+    lp = discretized_gaussian_log_prob(x, out[..., 0], out[..., 1], setup.info.num_levels)
+  return jnp.sum(lp, axis=(-3, -2, -1))
+
+
+def discretized_gaussian_log_prob(x, mean, log_scale, num_levels: int):
+  """log P(x's bin) under N(mean, scale) cut into `num_levels` bins on [0, 1]."""
+  half_bin = 0.5 / (num_levels - 1)
+  inv_scale = jnp.exp(-jnp.clip(log_scale, -7.0, 7.0))
+  upper = (x + half_bin - mean) * inv_scale
+  lower = (x - half_bin - mean) * inv_scale
+  log_cdf_upper = log_ndtr(upper)   # the first bin takes everything below it
+  log_sf_lower = log_ndtr(-lower)   # the last bin takes everything above it
+  # log(Phi(u) - Phi(l)), computed on the side of the bin far from the tail.
+  mid_lo = log_cdf_upper + jnp.log1p(-jnp.exp(jnp.minimum(log_ndtr(lower) - log_cdf_upper, -1e-6)))
+  mid_hi = log_sf_lower + jnp.log1p(-jnp.exp(jnp.minimum(log_ndtr(-upper) - log_sf_lower, -1e-6)))
+  mid = jnp.where(lower > 0, mid_hi, mid_lo)
+  return jnp.where(x < half_bin, log_cdf_upper, jnp.where(x > 1 - half_bin, log_sf_lower, mid))
+
+
+def mean_image(setup: Setup, out):
+  """Decoder outputs -> the mean picture in [0, 1]: [..., H, W, C]."""
+  if setup.config.model.likelihood == "bernoulli":
+    return jax.nn.sigmoid(out[..., 0])
+  return jnp.clip(out[..., 0], 0.0, 1.0)
+
+
+def inputs(setup: Setup, batch):
+  """uint8 levels -> x in [0, 1] [B, H, W, C]; labels -> one-hot [B, L] or None."""
+  x = batch["image"].astype(jnp.float32) / (setup.info.num_levels - 1)
+  return x, one_hot(setup, batch.get("label"))
+
+
+def one_hot(setup: Setup, labels):
+  if not setup.config.model.conditional or labels is None:
+    return None
+  return jax.nn.one_hot(labels, setup.info.num_classes)
+
+
+# ---- Training and evaluation
+
+def elbo_terms(setup: Setup, params, x, y, rng):
+  """Per image: reconstruction NLL and KL, [B] each, one z sample."""
+  mu, logvar = setup.model.apply({"params": params}, x, y, method=VAE.encode)
+  z = reparameterize(rng, mu, logvar)
+  out = setup.model.apply({"params": params}, z, y, method=VAE.decode)
+  return -log_likelihood(setup, out, x), kl_to_prior(mu, logvar)
+
+
+def train_step(setup: Setup, state: dict, batch: dict, rng):
+  x, y = inputs(setup, batch)
+
+  def loss_fn(params):
+    rec, kl = elbo_terms(setup, params, x, y, rng)
+    loss = jnp.mean(rec + setup.config.model.beta * kl)
+    return loss, {"loss": loss, "rec": jnp.mean(rec), "kl": jnp.mean(kl),
+                  "neg_elbo": jnp.mean(rec + kl)}
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  return {"params": optax.apply_updates(state["params"], updates),
+          "opt_state": opt_state}, metrics
+
+
+def iwae_bound(setup: Setup, params, x, y, rng, k: int):
+  """log p(x) >= logsumexp_k log[p(x|z_k) p(z_k) / q(z_k|x)] - log k, per image [B].
+
+  The k samples go through the decoder in chunks so that k = 1000 fits in memory.
+  """
+  mu, logvar = setup.model.apply({"params": params}, x, y, method=VAE.encode)
+  chunk = min(k, setup.config.eval.iwae_chunk)
+  if k % chunk:
+    raise ConfigError(f"eval.iwae_chunk={chunk} must divide the number of samples {k}")
+
+  def log_weights(rng):  # -> [chunk, B]
+    eps = jax.random.normal(rng, (chunk, *mu.shape))
+    z = mu[None] + jnp.exp(0.5 * logvar)[None] * eps                  # [chunk, B, Z]
+    yk = None if y is None else jnp.tile(y, (chunk, 1))               # [chunk * B, L]
+    out = setup.model.apply({"params": params}, z.reshape(-1, z.shape[-1]), yk,
+                            method=VAE.decode).reshape(chunk, *x.shape, -1)
+    return (log_likelihood(setup, out, jnp.broadcast_to(x, out.shape[:-1]))
+            + gaussian_log_prob(z, 0.0, 0.0)
+            - gaussian_log_prob(z, mu[None], logvar[None]))
+
+  log_w = jax.lax.map(log_weights, jax.random.split(rng, k // chunk))  # [k/chunk, chunk, B]
+  return jax.nn.logsumexp(log_w.reshape(k, -1), axis=0) - math.log(k)
+
+
+def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
+  """Per test image: -ELBO and the IWAE NLL bound, in nats and bits per dimension."""
+  x, y = inputs(setup, batch)
+  rng_elbo, rng_iwae = jax.random.split(rng)
+  rec, kl = elbo_terms(setup, state["params"], x, y, rng_elbo)
+  k = setup.config.eval.final_iwae_k if final else setup.config.eval.iwae_k
+  nll = -iwae_bound(setup, state["params"], x, y, rng_iwae, k)
+  dims = math.prod(setup.info.image_shape) * math.log(2)
+  return {"neg_elbo": rec + kl, "rec": rec, "kl": kl, f"iwae{k}_nll": nll,
+          "neg_elbo_bpd": (rec + kl) / dims, f"iwae{k}_bpd": nll / dims}
+
+
+def images(setup: Setup, state: dict, batch: dict, rng) -> dict:
+  """Grids [rows, cols, H, W, C]: reconstructions beside inputs, prior samples, interpolations."""
+  params = state["params"]
+  x, y = inputs(setup, batch)
+  n, cols = x.shape[0], 8
+  mu, _ = setup.model.apply({"params": params}, x, y, method=VAE.encode)
+  decode = lambda z, y: mean_image(setup, setup.model.apply(
+      {"params": params}, z, y, method=VAE.decode))
+  recon = decode(mu, y)
+  pairs = jnp.stack([x, recon], 1)[: n - n % (cols // 2)]  # input, reconstruction, ...
+  grids = {"reconstructions": pairs.reshape(-1, cols, *x.shape[1:])}
+  rows = setup.info.num_classes if setup.config.model.conditional else 8
+  z = jax.random.normal(rng, (rows * cols, mu.shape[-1]))
+  labels = one_hot(setup, jnp.repeat(jnp.arange(rows), cols))  # a row per class
+  grids["samples"] = decode(z, labels).reshape(rows, cols, *x.shape[1:])
+  t = jnp.linspace(0.0, 1.0, cols)[None, :, None]  # [1, cols, 1]
+  a, b = mu[0:rows], mu[rows:2 * rows]               # pairs of test images
+  z_path = (1 - t) * a[:, None] + t * b[:, None]     # [rows, cols, Z]
+  y_path = None if y is None else jnp.repeat(y[:rows], cols, 0)
+  grids["interpolations"] = decode(z_path.reshape(rows * cols, -1), y_path).reshape(
+      rows, cols, *x.shape[1:])
+  return grids

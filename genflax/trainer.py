@@ -1,0 +1,231 @@
+"""The one training loop that every family runs.
+
+A family is a module in `genflax.tasks` (named by `config.task`) with:
+
+  build(config, info) -> setup            static parts: modules, optimizers
+  init(setup, rng) -> state               a pytree (params, optimizer states, ...)
+  train_step(setup, state, batch, rng) -> (state, metrics)     pure, jitted here
+  eval_step(setup, state, batch, rng, final) -> {name: [B]}    per-example values
+  images(setup, state, batch, rng) -> {name: [rows, cols, H, W, C] in [0, 1]}
+  learning_rates(setup, step) -> {name: lr}
+
+The loop wraps the family's state as {"step", "rng", "task"}; the step's RNG
+is `fold_in(rng, step)`, so a batch (`Batches.get(step)`) and its randomness
+depend only on the step, and a resumed run repeats an uninterrupted one.
+"""
+import importlib
+import json
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from genflax import checkpoints, data, metrics, sharding
+from genflax.errors import UserError
+
+
+class NonFiniteLoss(UserError):
+  """A loss term became NaN or infinite; nothing after the last good step is saved."""
+
+
+def train(config, workdir: str) -> dict:
+  """Trains (or resumes) `config` in `workdir`; returns the final evaluation."""
+  log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+
+  # ---- Task, mesh and data
+  task = importlib.import_module(f"genflax.tasks.{config.task}")
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(mesh, "data.batch_size", config.data.batch_size)
+  sharding.check_batch_size(mesh, "eval.batch_size", config.eval.batch_size)
+  train_data, test_data, info = data.load(config.data.name, config.data.data_dir or None)
+  batches = data.Batches(train_data, config.data.batch_size, config.seed)
+  setup = task.build(config, info)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+  # ---- Workdir and checkpoints
+  mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
+  checkpoints.check_workdir(workdir, config, mngr.latest_step())
+  if jax.process_index() == 0:
+    checkpoints.write_config(workdir, config)
+
+  # ---- State: shapes first, then created (or restored) straight into its shardings
+  def init(rng):
+    init_rng, train_rng = jax.random.split(rng)
+    return {"step": jnp.zeros((), jnp.int32), "rng": train_rng,
+            "task": task.init(setup, init_rng)}
+
+  seed_rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, seed_rng)
+  state_sh = sharding.state_shardings(abstract, mesh, config.sharding_rules)
+  restored = checkpoints.restore(mngr, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.unbox(abstract), state_sh))
+  if restored is None:
+    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=state_sh)(seed_rng)
+    step = 0
+  else:
+    state, meta = restored
+    step = int(meta["step"])
+    log(f"resumed from step {step} ({os.path.join(workdir, 'checkpoints')})")
+  log(describe(config, info, mesh, state))
+
+  # ---- Compiled steps
+  traces = [0]
+
+  def step_fn(state, batch):
+    traces[0] += 1  # Python runs this only while tracing: counts compilations.
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    task_state, step_metrics = task.train_step(setup, state["task"], batch, rng)
+    return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}, step_metrics
+
+  train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, repl), donate_argnums=0)
+  eval_step = jax.jit(lambda s, b, r, final: task.eval_step(setup, s["task"], b, r, final),
+                      static_argnums=3)
+  images_fn = jax.jit(lambda s, b, r: task.images(setup, s["task"], b, r))
+  eval_rng = jax.random.PRNGKey(config.seed + 1)
+  image_batch = {k: v[:config.eval.num_images] for k, v in test_data.items()}
+  writer = metrics.Writer(workdir)
+
+  def run_eval(step, final=False):
+    values = evaluate(eval_step, state, test_data, config.eval.batch_size, batch_sh,
+                      eval_rng, final)
+    writer.scalars(step, "final" if final else "eval", values)
+    log(f"{'final eval' if final else 'eval'} step {step}  {metrics.format_values(values)}")
+    grids = images_fn(state, sharding.put_batch(image_batch, repl), eval_rng)
+    for name, grid in jax.device_get(grids).items():
+      writer.image_grid(step, name, np.asarray(grid))
+    writer.flush()
+    return values
+
+  def save(step):
+    checkpoints.save(mngr, step, state, {"step": step, "data_position": step,
+                                         **checkpoints.identity(json.loads(
+                                             config.to_json_best_effort()))})
+
+  results_path = os.path.join(workdir, "results.json")
+  if step >= config.train.num_steps and os.path.exists(results_path):
+    log(f"already trained to step {step}; results in {results_path}")
+    with open(results_path) as f:
+      return json.load(f)
+
+  # ---- Train loop
+  stop = StopRequest()
+  pending = []  # (step, device metrics) not yet fetched to the host
+  last_log_time, last_log_step, saved_step = time.time(), step, step
+  first_step = step + 1
+  while step < config.train.num_steps and not stop.signal:
+    batch = sharding.put_batch(batches.get(step), batch_sh)
+    state, step_metrics = train_step(state, batch)
+    step += 1
+    pending.append((step, step_metrics))
+    if step == first_step:  # Time the compilation apart from the steps/s.
+      jax.block_until_ready(state)
+      log(f"step {step}: train step compiled and ran in {time.time() - last_log_time:.1f}s")
+      last_log_time, last_log_step = time.time(), step
+    if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
+      values = check_finite(pending, workdir, saved_step)
+      now = time.time()
+      rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+      values.update(task.learning_rates(setup, step))
+      values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
+      writer.scalars(step, "train", values)
+      eta = metrics.format_duration((config.train.num_steps - step) / max(rate, 1e-9))
+      log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}  ETA {eta}")
+      pending, last_log_time, last_log_step = [], now, step
+    if step % config.train.ckpt_every_steps == 0:
+      check_finite(pending, workdir, saved_step)
+      save(step)
+      saved_step = step
+    if step % config.train.eval_every_steps == 0 and step < config.train.num_steps:
+      run_eval(step)
+
+  check_finite(pending, workdir, saved_step)
+  if saved_step != step:
+    save(step)
+  mngr.wait_until_finished()
+  if traces[0] > 1:
+    log(f"warning: the train step was compiled {traces[0]} times (expected once)")
+  if step < config.train.num_steps:
+    log(f"stopped by {stop.signal} at step {step}; checkpoint saved. "
+        f"Run the same command to resume.")
+    writer.close()
+    return {"interrupted_at": step, "train_step_traces": traces[0]}
+  results = run_eval(step, final=True)
+  results.update(step=step, train_step_traces=traces[0])
+  if jax.process_index() == 0:
+    write_json(results_path, results)
+  writer.close()
+  mngr.close()
+  return results
+
+
+def evaluate(eval_step, state, arrays: dict, batch_size: int, batch_sh, rng, final) -> dict:
+  """Means of per-example eval values over a whole split (last batch padded, masked)."""
+  n = len(next(iter(arrays.values())))
+  count, rank = jax.process_count(), jax.process_index()
+  sums = {}
+  for start in range(0, n, batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+    valid = len(next(iter(batch.values())))
+    batch = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - valid, 0)])
+             for k, v in batch.items()}
+    share = batch_size // count
+    local = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+    out = eval_step(state, sharding.put_batch(local, batch_sh),
+                    jax.random.fold_in(rng, start), final)
+    out = multihost_utils.process_allgather(out, tiled=True)
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(np.asarray(v, np.float64)[:valid].sum())
+  return {k: v / n for k, v in sums.items()}
+
+
+def check_finite(pending, workdir: str, saved_step: int) -> dict:
+  """Fetches pending step metrics; raises on the first non-finite one; returns means."""
+  fetched = jax.device_get(pending)
+  for step, values in fetched:
+    bad = {k: float(v) for k, v in values.items() if not np.isfinite(v)}
+    if bad:
+      raise NonFiniteLoss(
+          f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
+          f"stopped without saving it. The last good checkpoint (step {saved_step}) is in "
+          f"{os.path.join(workdir, 'checkpoints')}; lower optim.lr or raise "
+          f"optim.warmup_steps, then rerun.")
+  if not fetched:
+    return {}
+  return {k: float(np.mean([v[k] for _, v in fetched])) for k in fetched[0][1]}
+
+
+class StopRequest:
+  """Turns SIGTERM and Ctrl-C into a request to checkpoint and stop cleanly."""
+
+  def __init__(self):
+    self.signal = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+    # A second Ctrl-C kills at once, as usual.
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def describe(config, info, mesh, state) -> str:
+  params = state["task"].get("params", {})
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return (f"{config.task} on {info.name} ({info.num_train} train / {info.num_test} test, "
+          f"{info.image_shape}); {n:,} parameters; mesh {dict(mesh.shape)} over "
+          f"{jax.device_count()} {jax.devices()[0].platform} devices, "
+          f"{jax.process_count()} process(es)")
+
+
+def write_json(path: str, values: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(values, f, indent=2)
+  os.replace(tmp, path)

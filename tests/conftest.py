@@ -1,0 +1,17 @@
+"""Test setup: 8 fake CPU devices, a private tfds data dir, strict numpy rules.
+
+Both must be set before jax or tensorflow_datasets is imported, so they are
+set here, at import, and the subprocesses that tests start inherit them.
+"""
+import os
+import tempfile
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+# Tests never read or write the user's ~/tensorflow_datasets.
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="genflax_tfds_")
+os.environ["PYTHONUNBUFFERED"] = "1"
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update("jax_numpy_rank_promotion", "raise")

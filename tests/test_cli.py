@@ -1,0 +1,61 @@
+"""`python -m genflax.main`: bad input gives one clear line and status 2."""
+import pytest
+
+from tests import helpers
+
+SMOKE = "--config=configs/vae_digits.py:smoke"
+
+
+def _error(result) -> str:
+  assert result.returncode == 2, result.stdout + result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert "Traceback" not in result.stderr
+  assert lines[-1].startswith("error: ")
+  return lines[-1]
+
+
+@pytest.mark.parametrize("args,expected", [
+    ([SMOKE, "--workdir=x", "--config.train.num_stepz=3"],
+     ["unknown config key 'train.num_stepz'", "did you mean train.num_steps"]),
+    ([SMOKE, "--workdir=x", "--config.optim.lr=fast"],
+     ["--config.optim.lr='fast' is not a valid float", "the default is 0.001"]),
+    ([SMOKE], ["--workdir is missing"]),
+    (["--workdir=x"], ["--config is missing"]),
+    (["--config=configs/nope.py", "--workdir=x"], ["no file 'configs/nope.py'"]),
+])
+def test_flag_errors(args, expected):
+  message = _error(helpers.cli(*args))
+  for text in expected:
+    assert text in message
+
+
+def test_bad_values_are_named(tmp_path):
+  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.model.likelihood=poisson"))
+  assert "model.likelihood='poisson'" in message and "discretized_gaussian" in message
+  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.mesh.data=16"))
+  assert "does not fit 8 devices" in message
+  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.mesh.data=3"))
+  assert "data.batch_size=128 does not split over the mesh's 3 batch shards" in message
+
+
+def test_dataset_not_prepared(tmp_path):
+  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path / 'w'}", "--config.data.name=mnist",
+                               f"--config.data.data_dir={tmp_path / 'tfds'}"))
+  assert "'mnist' is not prepared" in message
+  assert str(tmp_path / "tfds" / "mnist") in message and "tfds build mnist" in message
+
+
+def test_foreign_workdir_is_refused_and_left_intact(tmp_path):
+  workdir = str(tmp_path)
+  first = helpers.cli(SMOKE, f"--workdir={workdir}")
+  assert first.returncode == 0, first.stderr
+  before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  config_before = (tmp_path / "config.json").read_text()
+  message = _error(helpers.cli("--config=configs/cvae_digits.py:smoke", f"--workdir={workdir}"))
+  assert "another experiment" in message and "model.conditional=False there, True here" in message
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+  assert (tmp_path / "config.json").read_text() == config_before
+  # The same experiment with a longer schedule is not foreign: it resumes.
+  longer = helpers.cli(SMOKE, f"--workdir={workdir}", "--config.train.num_steps=16")
+  assert longer.returncode == 0, longer.stderr
+  assert "resumed from step 12" in longer.stdout

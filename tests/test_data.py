@@ -1,0 +1,255 @@
+"""Tests for genflax.data: the digits builder, catalogue loading, batches."""
+
+import json
+import os
+import shutil
+
+from etils import epath
+import numpy as np
+import pytest
+from sklearn import datasets as sk_datasets
+import tensorflow_datasets as tfds
+
+from genflax import data
+from genflax.data import digits
+from genflax.errors import ConfigError, UserError
+
+
+class GenflaxTestImages(tfds.core.GeneratorBasedBuilder):
+  """A catalogue-style dataset: 12 train / 4 test random 5x4x3 images."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  # tfds infers both paths from the module's package, and a test module is no
+  # package (and see digits.Digits.code_path); give them directly.
+  code_path = epath.Path(__file__)
+  pkg_dir_path = epath.Path(__file__).parent
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(5, 4, 3), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(num_classes=3),
+    }))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(12), "test": self._generate_examples(4)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"image": _test_image(i, (5, 4, 3)), "label": i % 3}
+
+
+class GenflaxTestGrey(tfds.core.GeneratorBasedBuilder):
+  """Unlabelled HxW images (no channel axis): 6 train / 2 test, 6x6."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = epath.Path(__file__)
+  pkg_dir_path = epath.Path(__file__).parent
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(6, 6), dtype=np.uint8),
+    }))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(6), "test": self._generate_examples(2)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"image": _test_image(i, (6, 6))}
+
+
+def _test_image(i, shape):
+  return np.random.default_rng(i).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _prepare(builder_cls, data_dir):
+  builder_cls(data_dir=data_dir, file_format="array_record").download_and_prepare()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds_digits"))
+
+
+@pytest.fixture(scope="session")
+def loaded_digits(digits_dir):
+  return data.load("digits", data_dir=digits_dir)
+
+
+@pytest.fixture(scope="session")
+def catalogue_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds_catalogue"))
+  _prepare(GenflaxTestImages, data_dir)
+  _prepare(GenflaxTestGrey, data_dir)
+  return data_dir
+
+
+# --- digits -----------------------------------------------------------------
+
+
+def test_digits_contents(loaded_digits):
+  train, test, info = loaded_digits
+  assert info == data.DatasetInfo("digits", (8, 8, 1), 10, 17, 1437, 360)
+  for split, n in ((train, 1437), (test, 360)):
+    assert split["image"].shape == (n, 8, 8, 1)
+    assert split["image"].dtype == np.uint8 and split["label"].dtype == np.int32
+    assert split["image"].max() <= 16
+    assert set(split["label"]) == set(range(10))
+
+
+def test_digits_are_sklearns_digits(loaded_digits):
+  train, test, _ = loaded_digits
+  ours = np.concatenate([_rows(train), _rows(test)])
+  sk = sk_datasets.load_digits()
+  theirs = np.concatenate(
+      [sk.images.reshape(-1, 64).astype(np.uint8), sk.target[:, None]], axis=1)
+  np.testing.assert_array_equal(_sorted_rows(ours), _sorted_rows(theirs))
+
+
+def _rows(split):
+  """[N, 65]: each image's 64 pixels, then its label."""
+  return np.concatenate(
+      [split["image"].reshape(-1, 64), split["label"][:, None]], axis=1)
+
+
+def _sorted_rows(a):
+  return a[np.lexsort(a.T[::-1])]
+
+
+def test_digits_second_load_reuses_data(digits_dir, loaded_digits, monkeypatch):
+  before = _snapshot(digits_dir)
+  def no_rebuild(*args, **kwargs):
+    raise AssertionError("digits was generated again")
+  monkeypatch.setattr(digits.Digits, "_split_generators", no_rebuild)
+  train, test, info = data.load("digits", data_dir=digits_dir)
+  assert _snapshot(digits_dir) == before
+  for new, old in ((train, loaded_digits[0]), (test, loaded_digits[1])):
+    np.testing.assert_array_equal(new["image"], old["image"])
+    np.testing.assert_array_equal(new["label"], old["label"])
+  assert info == loaded_digits[2]
+
+
+def _snapshot(root):
+  """{path: mtime_ns} of everything under root."""
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, dirs, files in os.walk(root) for f in dirs + files}
+
+
+def test_digits_concurrent_prepare_keeps_winners_copy(tmp_path, loaded_digits):
+  winner = digits.Digits(data_dir=str(tmp_path), file_format="array_record")
+  loser = digits.Digits(data_dir=str(tmp_path), file_format="array_record")
+  generate = loser._download_and_prepare
+  def race(**kwargs):  # the winner finishes while the loser is generating
+    winner.download_and_prepare()
+    return generate(**kwargs)
+  loser._download_and_prepare = race
+  digits.prepare(loser)
+  train, test, _ = data.load("digits", data_dir=str(tmp_path))
+  # Preparing is deterministic: this copy equals the one built elsewhere.
+  np.testing.assert_array_equal(train["image"], loaded_digits[0]["image"])
+  np.testing.assert_array_equal(test["label"], loaded_digits[1]["label"])
+  assert sorted(os.listdir(tmp_path / "digits")) == ["1.0.0"]  # no tmp dirs
+
+
+# --- catalogue datasets -----------------------------------------------------
+
+
+def test_catalogue_dataset_loads(catalogue_dir):
+  train, test, info = data.load("genflax_test_images", data_dir=catalogue_dir)
+  assert info == data.DatasetInfo("genflax_test_images", (5, 4, 3), 3, 256, 12, 4)
+  assert train["image"].shape == (12, 5, 4, 3) and test["image"].shape == (4, 5, 4, 3)
+  assert train["image"].dtype == np.uint8 and train["label"].dtype == np.int32
+  # Records come back in a shuffled order; the pairing must survive it.
+  for image, label in zip(train["image"], train["label"]):
+    i = next(i for i in range(12) if np.array_equal(_test_image(i, (5, 4, 3)), image))
+    assert label == i % 3
+
+
+def test_catalogue_unlabelled_greyscale(catalogue_dir):
+  train, test, info = data.load("genflax_test_grey", data_dir=catalogue_dir)
+  assert info == data.DatasetInfo("genflax_test_grey", (6, 6, 1), 0, 256, 6, 2)
+  assert set(train) == {"image"} and train["image"].shape == (6, 6, 6, 1)
+  expected = np.stack([_test_image(i, (6, 6)) for i in range(6)])[..., None]
+  np.testing.assert_array_equal(_sorted_rows(train["image"].reshape(6, -1)),
+                                _sorted_rows(expected.reshape(6, -1)))
+
+
+def test_unprepared_catalogue_dataset_says_how_to_build(tmp_path):
+  with pytest.raises(data.DatasetNotPreparedError) as e:
+    data.load("mnist", data_dir=str(tmp_path))
+  message = str(e.value)
+  assert "'mnist'" in message and str(tmp_path) in message
+  assert (f"tfds build mnist --data_dir={tmp_path} --file_format=array_record"
+          in message)
+
+
+def test_tfrecord_dataset_says_to_rebuild(catalogue_dir, tmp_path):
+  shutil.copytree(os.path.join(catalogue_dir, "genflax_test_images"),
+                  tmp_path / "genflax_test_images")
+  info_path = tmp_path / "genflax_test_images" / "1.0.0" / "dataset_info.json"
+  info = json.loads(info_path.read_text())
+  info_path.write_text(json.dumps(dict(info, fileFormat="tfrecord")))
+  with pytest.raises(UserError, match="stored as tfrecord.*--file_format=array_record"):
+    data.load("genflax_test_images", data_dir=str(tmp_path))
+
+
+def test_unknown_dataset_name(tmp_path):
+  with pytest.raises(UserError, match="unknown dataset 'no_such_dataset'"):
+    data.load("no_such_dataset", data_dir=str(tmp_path))
+
+
+# --- batches ----------------------------------------------------------------
+
+
+def _batches(n=103, batch_size=10, seed=0, **kwargs):
+  arrays = {"index": np.arange(n), "twice": 2 * np.arange(n)}
+  return data.Batches(arrays, batch_size, seed, **kwargs)
+
+
+def test_batches_keep_rows_together():
+  batch = _batches().get(3)
+  assert batch["index"].shape == (10,)
+  np.testing.assert_array_equal(batch["twice"], 2 * batch["index"])
+
+
+def test_batches_depend_only_on_seed():
+  a, b, c = _batches(seed=1), _batches(seed=1), _batches(seed=2)
+  for p in range(25):
+    np.testing.assert_array_equal(a.get(p)["index"], b.get(p)["index"])
+  assert not np.array_equal(a.get(0)["index"], c.get(0)["index"])
+
+
+def test_each_epoch_is_a_reshuffled_pass_without_repeats():
+  batches = _batches(n=103, batch_size=10)
+  assert batches.steps_per_epoch == 10  # the last 3 examples are dropped
+  epochs = [np.concatenate([batches.get(e * 10 + i)["index"] for i in range(10)])
+            for e in range(2)]
+  for epoch in epochs:
+    assert len(set(epoch)) == 100
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_jumping_to_a_position_equals_reading_in_order():
+  in_order = _batches()
+  expected = [in_order.get(p)["index"] for p in range(35)]
+  resumed = _batches()
+  for p in (27, 3, 34, 10, 9, 0):
+    np.testing.assert_array_equal(resumed.get(p)["index"], expected[p])
+
+
+def test_process_slices_make_up_the_global_batch():
+  single = _batches(batch_size=8, process_index=0, process_count=1)
+  halves = [_batches(batch_size=8, process_index=p, process_count=2)
+            for p in range(2)]
+  for position in (0, 5, 13, 40):
+    parts = [h.get(position)["index"] for h in halves]
+    assert parts[0].shape == (4,)
+    np.testing.assert_array_equal(np.concatenate(parts),
+                                  single.get(position)["index"])
+
+
+def test_batch_size_errors():
+  with pytest.raises(ConfigError, match="global batch size 104 .* 103"):
+    _batches(n=103, batch_size=104)
+  with pytest.raises(ConfigError, match="multiple of 3"):
+    _batches(batch_size=10, process_index=0, process_count=3)
