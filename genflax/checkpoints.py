@@ -18,9 +18,11 @@ from genflax.errors import UserError
 IDENTITY_KEYS = ("task", "model", "data.name")
 
 
-def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int | None = None, read_only: bool = False
+            ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=True)
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=True)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
       item_names=("state", "meta"))

@@ -25,7 +25,7 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
   ))
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=120,            # the last test batch is padded and masked
-      num_images=32,             # test images shown in reconstruction grids
+      num_samples=32,            # test examples given to task.samples (reconstructions, prompts)
   ))
   # Axis sizes of the device mesh; -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

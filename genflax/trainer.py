@@ -2,12 +2,21 @@
 
 A family is a module in `genflax.tasks` (named by `config.task`) with:
 
-  build(config, info) -> setup            static parts: modules, optimizers
+  datasets(config) -> (train, test, info)  {name: [N, ...]} numpy arrays, one
+                                           row per example; info describes them
+  build(config, info) -> setup            static parts (modules, optimizers) and
+                                           `setup.config`
   init(setup, rng) -> state               a pytree (params, optimizer states, ...)
   train_step(setup, state, batch, rng) -> (state, metrics)     pure, jitted here
-  eval_step(setup, state, batch, rng, final) -> {name: [B]}    per-example values
-  images(setup, state, batch, rng) -> {name: [rows, cols, H, W, C] in [0, 1]}
+  eval_step(setup, state, batch, rng, final) -> {name: [B]}    per-example values,
+                                           averaged here over the whole test split
+  or evaluate(setup, state, test, rng, final) -> {name: float}  for set-level
+                                           metrics (FID); the family jits its parts
+  samples(setup, state, batch, rng) -> pytree    pure, jitted here; `batch` is the
+                                           first eval.num_samples test examples
+  write_samples(setup, samples, writer, step)   on the host: PNGs, text
   learning_rates(setup, step) -> {name: lr}
+  generate(setup, state, args)            `python -m genflax.sample`: writes samples
 
 The loop wraps the family's state as {"step", "rng", "task"}; the step's RNG
 is `fold_in(rng, step)`, so a batch (`Batches.get(step)`) and its randomness
@@ -37,36 +46,27 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) `config` in `workdir`; returns the final evaluation."""
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
-  # ---- Task, mesh and data
+  # ---- Task, mesh, workdir
   task = importlib.import_module(f"genflax.tasks.{config.task}")
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(mesh, "data.batch_size", config.data.batch_size)
   sharding.check_batch_size(mesh, "eval.batch_size", config.eval.batch_size)
-  train_data, test_data, info = data.load(config.data.name, config.data.data_dir or None)
-  batches = data.Batches(train_data, config.data.batch_size, config.seed)
-  setup = task.build(config, info)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-
-  # ---- Workdir and checkpoints
   mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
   checkpoints.check_workdir(workdir, config, mngr.latest_step())
   if jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
 
-  # ---- State: shapes first, then created (or restored) straight into its shardings
-  def init(rng):
-    init_rng, train_rng = jax.random.split(rng)
-    return {"step": jnp.zeros((), jnp.int32), "rng": train_rng,
-            "task": task.init(setup, init_rng)}
+  # ---- Data
+  train_data, test_data, info = task.datasets(config, workdir)
+  batches = data.Batches(train_data, config.data.batch_size, config.seed)
+  setup = task.build(config, info)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-  seed_rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init, seed_rng)
-  state_sh = sharding.state_shardings(abstract, mesh, config.sharding_rules)
-  restored = checkpoints.restore(mngr, jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      nn.unbox(abstract), state_sh))
+  # ---- State: created (or restored) straight into its shardings
+  init, abstract, state_sh = state_layout(task, setup, mesh)
+  restored = checkpoints.restore(mngr, abstract)
   if restored is None:
-    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=state_sh)(seed_rng)
+    state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
     step = 0
   else:
     state, meta = restored
@@ -87,19 +87,21 @@ def train(config, workdir: str) -> dict:
                        out_shardings=(state_sh, repl), donate_argnums=0)
   eval_step = jax.jit(lambda s, b, r, final: task.eval_step(setup, s["task"], b, r, final),
                       static_argnums=3)
-  images_fn = jax.jit(lambda s, b, r: task.images(setup, s["task"], b, r))
-  eval_rng = jax.random.PRNGKey(config.seed + 1)
-  image_batch = {k: v[:config.eval.num_images] for k, v in test_data.items()}
+  samples_fn = jax.jit(lambda s, b, r: task.samples(setup, s["task"], b, r))
+  eval_rng = jax.random.PRNGKey(config.seed + 1)  # the same samples at every eval
+  sample_batch = {k: v[:config.eval.num_samples] for k, v in test_data.items()}
   writer = metrics.Writer(workdir)
 
   def run_eval(step, final=False):
-    values = evaluate(eval_step, state, test_data, config.eval.batch_size, batch_sh,
-                      eval_rng, final)
+    if hasattr(task, "evaluate"):
+      values = task.evaluate(setup, state["task"], test_data, eval_rng, final)
+    else:
+      values = evaluate(eval_step, state, test_data, config.eval.batch_size, batch_sh,
+                        eval_rng, final)
     writer.scalars(step, "final" if final else "eval", values)
     log(f"{'final eval' if final else 'eval'} step {step}  {metrics.format_values(values)}")
-    grids = images_fn(state, sharding.put_batch(image_batch, repl), eval_rng)
-    for name, grid in jax.device_get(grids).items():
-      writer.image_grid(step, name, np.asarray(grid))
+    samples = samples_fn(state, sharding.put_batch(sample_batch, repl), eval_rng)
+    task.write_samples(setup, jax.device_get(samples), writer, step)
     writer.flush()
     return values
 
@@ -165,6 +167,24 @@ def train(config, workdir: str) -> dict:
   return results
 
 
+def state_layout(task, setup, mesh):
+  """(init, abstract, shardings) of the trainer's state, without creating it.
+
+  init(rng) -> {"step", "rng", "task"} with plain arrays; abstract: its shapes,
+  dtypes and shardings (what Orbax restores into).
+  """
+  def boxed_init(rng):
+    init_rng, train_rng = jax.random.split(rng)
+    return {"step": jnp.zeros((), jnp.int32), "rng": train_rng,
+            "task": task.init(setup, init_rng)}
+
+  boxed = jax.eval_shape(boxed_init, jax.random.PRNGKey(0))
+  shardings = sharding.state_shardings(boxed, mesh, setup.config.sharding_rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+  return (lambda rng: nn.unbox(boxed_init(rng))), abstract, shardings
+
+
 def evaluate(eval_step, state, arrays: dict, batch_size: int, batch_sh, rng, final) -> dict:
   """Means of per-example eval values over a whole split (last batch padded, masked)."""
   n = len(next(iter(arrays.values())))
@@ -218,8 +238,7 @@ class StopRequest:
 def describe(config, info, mesh, state) -> str:
   params = state["task"].get("params", {})
   n = sum(x.size for x in jax.tree.leaves(params))
-  return (f"{config.task} on {info.name} ({info.num_train} train / {info.num_test} test, "
-          f"{info.image_shape}); {n:,} parameters; mesh {dict(mesh.shape)} over "
+  return (f"{config.task} on {info}; {n:,} parameters; mesh {dict(mesh.shape)} over "
           f"{jax.device_count()} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es)")
 

@@ -21,9 +21,9 @@ def config(name: str, arg: str = "smoke", **overrides):
   return c
 
 
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-  """Runs `python -m genflax.main ARGS` from the repo root."""
-  return subprocess.run([sys.executable, "-m", "genflax.main", *args], cwd=ROOT,
+def cli(*args: str, module: str = "genflax.main", **kwargs) -> subprocess.CompletedProcess:
+  """Runs `python -m MODULE ARGS` from the repo root."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=300, **kwargs)
 
 

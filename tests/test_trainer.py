@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from genflax import trainer
@@ -162,3 +163,18 @@ def test_every_config_smoke_variant_trains(tmp_path, name, arg):
   assert results["step"] == results["train_step_traces"] * 12
   values = [v for v in results.values() if isinstance(v, float)]
   assert values and all(np.isfinite(values))
+
+
+def test_sample_cli_writes_a_grid_from_the_latest_checkpoint(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  out = tmp_path / "grid.png"
+  result = helpers.cli("--workdir", workdir, "--num", "16", "--out", str(out),
+                       module="genflax.sample")
+  assert result.returncode == 0, result.stderr
+  assert "step 12" in result.stdout
+  picture = np.asarray(Image.open(out))
+  assert picture.shape[0] > 0 and picture.std() > 0  # two rows of 8, not blank
+  # A conditional-only flag on an unconditional model is a clear error.
+  result = helpers.cli("--workdir", workdir, "--label", "3", "--out", str(out),
+                       module="genflax.sample")
+  assert result.returncode == 2 and "--label needs a conditional model" in result.stderr

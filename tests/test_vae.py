@@ -85,7 +85,7 @@ def test_variants_give_image_grids(arch, conditional):
                              "model.hidden": (16,), "model.channels": (4, 8)})
   state = vae.init(setup, jax.random.PRNGKey(0))
   batch = {k: jnp.asarray(v[:32]) for k, v in test.items()}
-  grids = vae.images(setup, state, batch, jax.random.PRNGKey(0))
+  grids = jax.jit(functools.partial(vae.samples, setup))(state, batch, jax.random.PRNGKey(0))
   assert grids["reconstructions"].shape == (8, 8, 8, 8, 1)
   # The conditional VAE samples one row per class.
   assert grids["samples"].shape == ((10 if conditional else 8), 8, 8, 8, 1)

@@ -28,6 +28,11 @@ class DatasetInfo:
   num_train: int
   num_test: int
 
+  def __str__(self):
+    h, w, c = self.image_shape
+    return (f"{self.name} ({self.num_train} train / {self.num_test} test images, "
+            f"{h}x{w}x{c}, {self.num_levels} levels, {self.num_classes} classes)")
+
 
 class DatasetNotPreparedError(UserError):
   """A catalogue dataset that is not in the data dir; genflax never downloads."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.special import log_ndtr
 
-from genflax import optim
+from genflax import data, metrics, optim
 from genflax.errors import ConfigError
 
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_gaussian")
@@ -102,6 +102,11 @@ class Setup:
   model: VAE
   tx: optax.GradientTransformation
   schedule: optax.Schedule
+
+
+def datasets(config, workdir: str):
+  del workdir  # images need nothing saved with the run
+  return data.load(config.data.name, config.data.data_dir or None)
 
 
 def build(config, info) -> Setup:
@@ -258,7 +263,7 @@ def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
           "neg_elbo_bpd": (rec + kl) / dims, f"iwae{k}_bpd": nll / dims}
 
 
-def images(setup: Setup, state: dict, batch: dict, rng) -> dict:
+def samples(setup: Setup, state: dict, batch: dict, rng) -> dict:
   """Grids [rows, cols, H, W, C]: reconstructions beside inputs, prior samples, interpolations."""
   params = state["params"]
   x, y = inputs(setup, batch)
@@ -280,3 +285,25 @@ def images(setup: Setup, state: dict, batch: dict, rng) -> dict:
   grids["interpolations"] = decode(z_path.reshape(rows * cols, -1), y_path).reshape(
       rows, cols, *x.shape[1:])
   return grids
+
+
+def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
+  for name, grid in grids.items():
+    writer.image_grid(step, name, grid)
+
+
+def generate(setup: Setup, state: dict, args) -> None:
+  """`genflax.sample`: args.num prior samples as one PNG grid (8 per row) at args.out."""
+  cols = 8
+  rows = max(1, -(-args.num // cols))
+  if setup.config.model.conditional:
+    labels = (jnp.full((rows * cols,), args.label) if args.label is not None
+              else jnp.arange(rows * cols) // cols % setup.info.num_classes)
+  elif args.label is not None:
+    raise ConfigError("--label needs a conditional model (model.conditional=True)")
+  y = one_hot(setup, labels) if setup.config.model.conditional else None
+  z = jax.random.normal(jax.random.PRNGKey(args.seed), (rows * cols, setup.config.model.latent_dim))
+  out = setup.model.apply({"params": state["params"]}, z, y, method=VAE.decode)
+  grid = jax.device_get(mean_image(setup, out)).reshape(rows, cols, *setup.info.image_shape)
+  metrics.save_png(args.out, metrics.tile(grid))
+  print(f"wrote {rows * cols} samples to {args.out}")

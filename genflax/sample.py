@@ -1,0 +1,67 @@
+"""Samples from a trained run: `python -m genflax.sample --workdir runs/x --num 64 --out grid.png`.
+
+Loads the run's config and its latest checkpoint, then hands the flags to
+the family's `generate` (images for VAE and GAN, `--label` for conditional
+models; text from `--prompt` for language models).
+"""
+import importlib
+import json
+import os
+import sys
+
+from absl import flags
+import jax
+import ml_collections
+
+from genflax import checkpoints, sharding, trainer
+from genflax.errors import UserError
+
+flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
+flags.DEFINE_integer("num", 64, "How many samples.")
+flags.DEFINE_string("out", "samples.png", "Output file.")
+flags.DEFINE_integer("label", None, "Class to condition on (conditional models); default: a row per class.")
+flags.DEFINE_multi_string("prompt", ["\n"], "Prompt(s) for language models; repeat to batch.")
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate after each prompt.")
+flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 means greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens with this much probability.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+FLAGS = flags.FLAGS
+
+
+def load_run(workdir: str):
+  """(task, setup, state, step) of a workdir's latest checkpoint."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} is not a genflax run: it has no config.json")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1  # one device suffices
+  task = importlib.import_module(f"genflax.tasks.{config.task}")
+  _, _, info = task.datasets(config, workdir)
+  setup = task.build(config, info)
+  _, abstract, _ = trainer.state_layout(task, setup, sharding.make_mesh(config.mesh))
+  mngr = checkpoints.manager(workdir, read_only=True)
+  restored = checkpoints.restore(mngr, abstract)
+  if restored is None:
+    raise UserError(f"{workdir} has no checkpoint yet: train it first")
+  state, meta = restored
+  return task, setup, state["task"], int(meta["step"])
+
+
+def main(argv) -> int:
+  try:
+    FLAGS(argv)
+    if not FLAGS.workdir:
+      raise UserError("--workdir is missing: name a trained run's workdir")
+    task, setup, state, step = load_run(FLAGS.workdir)
+    print(f"{setup.config.task} from {FLAGS.workdir}, step {step}")
+    task.generate(setup, state, FLAGS)
+  except (UserError, flags.Error) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
