@@ -75,16 +75,7 @@ def train(config, workdir: str) -> dict:
   log(describe(config, info, mesh, state))
 
   # ---- Compiled steps
-  traces = [0]
-
-  def step_fn(state, batch):
-    traces[0] += 1  # Python runs this only while tracing: counts compilations.
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    task_state, step_metrics = task.train_step(setup, state["task"], batch, rng)
-    return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}, step_metrics
-
-  train_step = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, repl), donate_argnums=0)
+  train_step, traces = make_train_step(task, setup, state_sh, batch_sh)
   eval_step = jax.jit(lambda s, b, r, final: task.eval_step(setup, s["task"], b, r, final),
                       static_argnums=3)
   samples_fn = jax.jit(lambda s, b, r: task.samples(setup, s["task"], b, r))
@@ -121,32 +112,36 @@ def train(config, workdir: str) -> dict:
   pending = []  # (step, device metrics) not yet fetched to the host
   last_log_time, last_log_step, saved_step = time.time(), step, step
   first_step = step + 1
-  while step < config.train.num_steps and not stop.signal:
-    batch = sharding.put_batch(batches.get(step), batch_sh)
-    state, step_metrics = train_step(state, batch)
-    step += 1
-    pending.append((step, step_metrics))
-    if step == first_step:  # Time the compilation apart from the steps/s.
-      jax.block_until_ready(state)
-      log(f"step {step}: train step compiled and ran in {time.time() - last_log_time:.1f}s")
-      last_log_time, last_log_step = time.time(), step
-    if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
-      values = check_finite(pending, workdir, saved_step)
-      now = time.time()
-      rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-      values.update(task.learning_rates(setup, step))
-      values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
-      writer.scalars(step, "train", values)
-      eta = metrics.format_duration((config.train.num_steps - step) / max(rate, 1e-9))
-      log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}  ETA {eta}")
-      pending, last_log_time, last_log_step = [], now, step
-    if step % config.train.ckpt_every_steps == 0:
-      check_finite(pending, workdir, saved_step)
-      save(step)
-      saved_step = step
-    if step % config.train.eval_every_steps == 0 and step < config.train.num_steps:
-      run_eval(step)
-
+  try:
+    while step < config.train.num_steps and not stop.signal:
+      batch = sharding.put_batch(batches.get(step), batch_sh)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, step_metrics))
+      if step == first_step:  # Time the compilation apart from the steps/s.
+        jax.block_until_ready(state)
+        log(f"step {step}: train step compiled and ran in {time.time() - last_log_time:.1f}s")
+        last_log_time, last_log_step = time.time(), step
+      if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
+        values = check_finite(pending, workdir, saved_step)
+        now = time.time()
+        rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+        values.update(task.learning_rates(setup, step))
+        values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
+        writer.scalars(step, "train", values)
+        eta = metrics.format_duration((config.train.num_steps - step) / max(rate, 1e-9))
+        log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}  ETA {eta}")
+        pending, last_log_time, last_log_step = [], now, step
+      paused = time.time()
+      if step % config.train.ckpt_every_steps == 0:
+        check_finite(pending, workdir, saved_step)
+        save(step)
+        saved_step = step
+      if step % config.train.eval_every_steps == 0 and step < config.train.num_steps:
+        run_eval(step)
+      last_log_time += time.time() - paused  # steps/s counts training only
+  finally:
+    stop.close()
   check_finite(pending, workdir, saved_step)
   if saved_step != step:
     save(step)
@@ -165,6 +160,24 @@ def train(config, workdir: str) -> dict:
   writer.close()
   mngr.close()
   return results
+
+
+def make_train_step(task, setup, state_sh, batch_sh):
+  """The family's step as the loop runs it: jitted, sharded, state donated.
+
+  Returns (train_step, traces); traces[0] counts how often it was compiled.
+  """
+  traces = [0]
+
+  def step_fn(state, batch):
+    traces[0] += 1  # Python runs this only while tracing: counts compilations.
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    task_state, step_metrics = task.train_step(setup, state["task"], batch, rng)
+    return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}, step_metrics
+
+  repl = sharding.replicated(batch_sh.mesh)
+  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                 donate_argnums=0), traces
 
 
 def state_layout(task, setup, mesh):
@@ -226,8 +239,12 @@ class StopRequest:
 
   def __init__(self):
     self.signal = None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, self._handle)
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def close(self):
+    """Gives the signals back to whoever handled them before."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
   def _handle(self, signum, frame):
     self.signal = signal.Signals(signum).name
