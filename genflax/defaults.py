@@ -22,6 +22,7 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
       eval_every_steps=500,
       ckpt_every_steps=500,
       keep_checkpoints=3,
+      profile_steps=(0, 0),      # (start, stop): trace these steps into workdir/profile
   ))
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=120,            # the last test batch is padded and masked

@@ -109,11 +109,13 @@ def train(config, workdir: str) -> dict:
 
   # ---- Train loop
   stop = StopRequest()
+  profile = Profiler(config.train.profile_steps, os.path.join(workdir, "profile"), log)
   pending = []  # (step, device metrics) not yet fetched to the host
   last_log_time, last_log_step, saved_step = time.time(), step, step
   first_step = step + 1
   try:
     while step < config.train.num_steps and not stop.signal:
+      profile(step, state)
       batch = sharding.put_batch(batches.get(step), batch_sh)
       state, step_metrics = train_step(state, batch)
       step += 1
@@ -141,6 +143,7 @@ def train(config, workdir: str) -> dict:
         run_eval(step)
       last_log_time += time.time() - paused  # steps/s counts training only
   finally:
+    profile(step, state, last=True)
     stop.close()
   check_finite(pending, workdir, saved_step)
   if saved_step != step:
@@ -232,6 +235,24 @@ def check_finite(pending, workdir: str, saved_step: int) -> dict:
   if not fetched:
     return {}
   return {k: float(np.mean([v[k] for _, v in fetched])) for k in fetched[0][1]}
+
+
+class Profiler:
+  """Captures a jax.profiler trace of steps [start, stop) into `logdir` (TensorBoard/Perfetto)."""
+
+  def __init__(self, steps, logdir: str, log):
+    self.start, self.stop = (tuple(steps) + (0, 0))[:2]
+    self.logdir, self.log, self.active = logdir, log, False
+
+  def __call__(self, step: int, state, last: bool = False) -> None:
+    if step == self.start and self.stop > self.start and not self.active and not last:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+    elif self.active and (step >= self.stop or last):
+      jax.block_until_ready(state)  # the traced steps must have finished
+      jax.profiler.stop_trace()
+      self.active = False
+      self.log(f"profile of steps {self.start}-{step} written to {self.logdir}")
 
 
 class StopRequest:

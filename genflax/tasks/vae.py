@@ -203,6 +203,35 @@ def one_hot(setup: Setup, labels):
 
 # ---- Training and evaluation
 
+def train_flops(setup: Setup) -> float:
+  """Matmul/conv FLOPs of one training example: forward x 3 (backward ~ 2x forward)."""
+  m, info = setup.config.model, setup.info
+  h, w, c = info.image_shape
+  labels = info.num_classes if m.conditional else 0
+  outputs = setup.model.decoder.num_outputs
+  macs, width, size = 0, h * w * c, (h, w)
+  if m.arch == "conv":
+    cin = c
+    for ch in m.channels:          # encoder: 3x3 stride-2 convs
+      size = (size[0] // 2, size[1] // 2)
+      macs += size[0] * size[1] * 9 * cin * ch
+      cin = ch
+    width = size[0] * size[1] * cin
+  for dims in ([width + labels, *m.hidden], [m.latent_dim + labels, *reversed(m.hidden)]):
+    macs += sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+  macs += 2 * m.hidden[-1] * m.latent_dim  # mu and logvar heads
+  if m.arch == "conv":
+    macs += m.hidden[0] * width            # dense to the smallest feature map
+    cin = m.channels[-1]
+    for ch in reversed(m.channels):        # decoder: stride-2 transposed convs,
+      macs += size[0] * size[1] * 9 * cin * ch  # each input pixel to a 3x3 patch
+      size, cin = (size[0] * 2, size[1] * 2), ch
+    macs += h * w * 9 * cin * c * outputs
+  else:
+    macs += m.hidden[0] * h * w * c * outputs
+  return 3 * 2 * macs
+
+
 def elbo_terms(setup: Setup, params, x, y, rng):
   """Per image: reconstruction NLL and KL, [B] each, one z sample."""
   mu, logvar = setup.model.apply({"params": params}, x, y, method=VAE.encode)

@@ -1,0 +1,141 @@
+"""Times the real train step of a config: `python -m benchmarks.hot_loop --config configs/X.py[:arg]`.
+
+The step is the trainer's own (`trainer.make_train_step`: jitted, sharded,
+state donated) on the config's real data. Printed as a markdown table and
+written as JSON (`--out`):
+  compile time of the first step; step time median, p10 and p90 (each step
+  synchronised); steps/s of an unsynchronised run, as the loop runs;
+  examples/s; model FLOPs per step counted by the family (`task.train_flops`)
+  beside XLA's own count; achieved FLOP/s and MFU against the float32
+  matmul peak measured in the same run; the input pipeline's time per batch;
+  peak host memory.
+"""
+import argparse
+import ast
+import importlib
+import json
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genflax import data, main as genflax_main, sharding, trainer
+
+
+def matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
+  """Best float32 FLOP/s of a jitted square matmul on device 0."""
+  best = 0.0
+  for n in sizes:
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - t))
+  return best
+
+
+def percentile(values, q):
+  return float(np.percentile(np.asarray(values), q))
+
+
+def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
+  task = importlib.import_module(f"genflax.tasks.{config.task}")
+  mesh = sharding.make_mesh(config.mesh)
+  train_data, _, info = task.datasets(config, "/tmp/genflax_benchmark")
+  batches = data.Batches(train_data, config.data.batch_size, config.seed)
+  setup = task.build(config, info)
+  batch_sh = sharding.batch_sharding(mesh)
+  init, _, state_sh = trainer.state_layout(task, setup, mesh)
+  state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
+  train_step, traces = trainer.make_train_step(task, setup, state_sh, batch_sh)
+  batch = sharding.put_batch(batches.get(0), batch_sh)
+
+  t = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+
+  for i in range(warmup):
+    state, _ = train_step(state, sharding.put_batch(batches.get(i), batch_sh))
+  jax.block_until_ready(state)
+  step_times = []
+  for i in range(steps):
+    b = sharding.put_batch(batches.get(i), batch_sh)
+    jax.block_until_ready(b)
+    t = time.perf_counter()
+    state, _ = train_step(state, b)
+    jax.block_until_ready(state)
+    step_times.append(time.perf_counter() - t)
+  # As the trainer runs it: the host prepares batch i+1 while step i computes.
+  t = time.perf_counter()
+  for i in range(steps):
+    state, _ = train_step(state, sharding.put_batch(batches.get(i), batch_sh))
+  jax.block_until_ready(state)
+  loop_steps_per_s = steps / (time.perf_counter() - t)
+  input_times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(sharding.put_batch(batches.get(i), batch_sh))
+    input_times.append(time.perf_counter() - t)
+
+  peak = matmul_peak(peak_sizes)
+  median = statistics.median(step_times)
+  flops = task.train_flops(setup) * config.data.batch_size
+  device_mem = jax.devices()[0].memory_stats() or {}
+  return {
+      "config": config.task, "dataset": info.name, "batch_size": config.data.batch_size,
+      "devices": int(np.prod(list(mesh.shape.values()))),
+      "platform": jax.devices()[0].platform, "compile_s": compile_s,
+      "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * percentile(step_times, 10),
+      "step_ms_p90": 1e3 * percentile(step_times, 90),
+      "steps_per_s_synced": 1 / median, "steps_per_s_loop": loop_steps_per_s,
+      "examples_per_s": loop_steps_per_s * config.data.batch_size,
+      "model_gflops_per_step": flops / 1e9, "xla_gflops_per_step": xla_flops / 1e9,
+      "achieved_gflops_per_s": flops / median / 1e9, "peak_matmul_gflops_per_s": peak / 1e9,
+      "mfu": flops / median / peak, "input_ms_per_batch": 1e3 * statistics.median(input_times),
+      "input_share_of_step": statistics.median(input_times) / median,
+      "peak_host_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "peak_device_mem_mb": device_mem.get("peak_bytes_in_use", float("nan")) / 2**20,
+      "train_step_traces": traces[0],
+  }
+
+
+def markdown(results: dict) -> str:
+  rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+          for k, v in results.items()]
+  return "\n".join(["| metric | value |", "| --- | --- |", *rows])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
+  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--out", default=None, help="JSON file (default: print only)")
+  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+  args = parser.parse_args()
+  config = genflax_main.load_config(args.config)
+  for item in args.overrides:
+    key, _, value = item.partition("=")
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    try:
+      node[last] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[last] = value  # a plain string
+  results = {"command_config": args.config, **run(config, args.steps, args.warmup)}
+  print(markdown(results))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

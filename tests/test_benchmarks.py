@@ -1,0 +1,28 @@
+"""The hot-loop benchmark runs the trainer's step, and its FLOP counts agree with XLA's."""
+import os
+
+import pytest
+
+from benchmarks import hot_loop
+from genflax import trainer
+from tests import helpers
+
+
+@pytest.mark.parametrize("arg", ["", "conv"])
+def test_hot_loop_reports_and_flops_match_xla(arg):
+  config = helpers.config("vae_digits", arg, **{"mesh.data": 1})
+  results = hot_loop.run(config, steps=3, warmup=1, peak_sizes=(512,))
+  assert results["train_step_traces"] == 1
+  assert results["step_ms_p10"] <= results["step_ms_median"] <= results["step_ms_p90"]
+  assert 0 < results["mfu"] < 1.5  # against a peak measured in the same run
+  assert 0 < results["input_share_of_step"] < 1
+  # The family's analytic count against XLA's, which also counts elementwise work.
+  ratio = results["model_gflops_per_step"] / results["xla_gflops_per_step"]
+  assert 0.8 < ratio < 1.25, ratio
+  assert "| mfu |" in hot_loop.markdown(results)
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  trainer.train(helpers.config("vae_digits", **{"train.profile_steps": (2, 4)}), str(tmp_path))
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
