@@ -19,6 +19,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and samples; rerun to resume.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process run through jax.distributed.initialize "
+    "(auto-detected on SLURM and TPU pods; elsewhere give the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "How many processes take part.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def parse(argv: list[str]):
@@ -81,9 +87,21 @@ def flat_keys(config, prefix: str = "") -> list[str]:
   return keys
 
 
+def start_distributed() -> None:
+  """Connects this process to the others (all run the same command)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  # CPU devices of different processes talk through gloo; accelerators ignore this.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value,
+                             process_id=_PROCESS_ID.value)
+
+
 def main(argv: list[str]) -> int:
   try:
     config, workdir = parse(argv)
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+      start_distributed()
     from genflax import trainer  # Imported late: flag errors need not wait for jax.
     trainer.train(config, workdir)
   except UserError as e:

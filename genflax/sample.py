@@ -4,16 +4,11 @@ Loads the run's config and its latest checkpoint, then hands the flags to
 the family's `generate` (images for VAE and GAN, `--label` for conditional
 models; text from `--prompt` for language models).
 """
-import importlib
-import json
-import os
 import sys
 
 from absl import flags
-import jax
-import ml_collections
 
-from genflax import checkpoints, sharding, trainer
+from genflax import trainer
 from genflax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
@@ -29,32 +24,12 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 FLAGS = flags.FLAGS
 
 
-def load_run(workdir: str):
-  """(task, setup, state, step) of a workdir's latest checkpoint."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise UserError(f"{workdir} is not a genflax run: it has no config.json")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1  # one device suffices
-  task = importlib.import_module(f"genflax.tasks.{config.task}")
-  _, _, info = task.datasets(config, workdir)
-  setup = task.build(config, info)
-  _, abstract, _ = trainer.state_layout(task, setup, sharding.make_mesh(config.mesh))
-  mngr = checkpoints.manager(workdir, read_only=True)
-  restored = checkpoints.restore(mngr, abstract)
-  if restored is None:
-    raise UserError(f"{workdir} has no checkpoint yet: train it first")
-  state, meta = restored
-  return task, setup, state["task"], int(meta["step"])
-
-
 def main(argv) -> int:
   try:
     FLAGS(argv)
     if not FLAGS.workdir:
       raise UserError("--workdir is missing: name a trained run's workdir")
-    task, setup, state, step = load_run(FLAGS.workdir)
+    task, setup, state, step = trainer.load_run(FLAGS.workdir)
     print(f"{setup.config.task} from {FLAGS.workdir}, step {step}")
     task.generate(setup, state, FLAGS)
   except (UserError, flags.Error) as e:

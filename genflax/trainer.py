@@ -31,6 +31,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -117,7 +118,8 @@ def train(config, workdir: str) -> dict:
     while step < config.train.num_steps and not stop.signal:
       profile(step, state)
       batch = sharding.put_batch(batches.get(step), batch_sh)
-      state, step_metrics = train_step(state, batch)
+      with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
+        state, step_metrics = train_step(state, batch)
       step += 1
       pending.append((step, step_metrics))
       if step == first_step:  # Time the compilation apart from the steps/s.
@@ -199,6 +201,26 @@ def state_layout(task, setup, mesh):
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
   return (lambda rng: nn.unbox(boxed_init(rng))), abstract, shardings
+
+
+def load_run(workdir: str):
+  """(task, setup, state, step) of a workdir's latest checkpoint."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} is not a genflax run: it has no config.json")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1  # one device suffices
+  task = importlib.import_module(f"genflax.tasks.{config.task}")
+  _, _, info = task.datasets(config, workdir)
+  setup = task.build(config, info)
+  _, abstract, _ = state_layout(task, setup, sharding.make_mesh(config.mesh))
+  mngr = checkpoints.manager(workdir, read_only=True)
+  restored = checkpoints.restore(mngr, abstract)
+  if restored is None:
+    raise UserError(f"{workdir} has no checkpoint yet: train it first")
+  state, meta = restored
+  return task, setup, state["task"], int(meta["step"])
 
 
 def evaluate(eval_step, state, arrays: dict, batch_size: int, batch_sh, rng, final) -> dict:

@@ -3,10 +3,12 @@ import glob
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
@@ -15,13 +17,10 @@ from genflax import trainer
 from tests import helpers
 
 
-def _params(workdir: str, step: int | None = None):
-  """The VAE parameters of a workdir's checkpoint (latest by default) as numpy."""
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                             item_names=("state", "meta")) as mngr:
-    step = mngr.latest_step() if step is None else step
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return step, jax.tree.map(np.asarray, restored.state["task"]["params"])
+def _params(workdir: str):
+  """(step, VAE parameters as numpy) of a workdir's latest checkpoint, on one device."""
+  _, _, state, step = trainer.load_run(workdir)
+  return step, jax.tree.map(np.asarray, state["params"])
 
 
 def _read_until(proc, text: str) -> list[str]:
@@ -178,3 +177,29 @@ def test_sample_cli_writes_a_grid_from_the_latest_checkpoint(smoke_run, tmp_path
   result = helpers.cli("--workdir", workdir, "--label", "3", "--out", str(out),
                        module="genflax.sample")
   assert result.returncode == 2 and "--label needs a conditional model" in result.stderr
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """jax.distributed over two local processes (2 CPU devices each) vs one process with 4."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  args = ["--config=configs/vae_digits.py:smoke", "--config.train.eval_every_steps=1000"]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "genflax.main", *args, f"--workdir={tmp_path / 'two'}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert "4 cpu devices, 2 process(es)" in outs[0]
+  assert "final eval" in outs[0] and "final eval" not in outs[1]  # process 0 reports
+  one = helpers.cli(*args, f"--workdir={tmp_path / 'one'}",
+                    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert one.returncode == 0, one.stderr
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               _params(str(tmp_path / "two"))[1], _params(str(tmp_path / "one"))[1])
+  two_results = json.load(open(tmp_path / "two" / "results.json"))
+  one_results = json.load(open(tmp_path / "one" / "results.json"))
+  assert two_results["neg_elbo"] == pytest.approx(one_results["neg_elbo"], rel=1e-5)
