@@ -113,11 +113,11 @@ def build(config, info: TextInfo) -> Setup:
 
 
 def decay_mask(params):
-  """Weight decay for matrices only: not embeddings, norms or biases."""
-  def is_kernel(path, _):
+  """Weight decay for weight matrices only: not embeddings, norms or biases."""
+  def is_matrix(path, x):
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return keys[-1] == "kernel"
-  return jax.tree_util.tree_map_with_path(is_kernel, params)
+    return x.ndim >= 2 and keys[-1] not in ("embedding", "pos_embed")
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def init(setup: Setup, rng) -> dict:
