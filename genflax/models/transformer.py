@@ -4,7 +4,8 @@ Shapes: B batch, T tokens in this call, S cache length (the context), D model
 width, H heads, K width per head, F MLP width, V vocabulary.
 
 Pre-norm blocks (LayerNorm or RMSNorm), learned or rotary positions, GELU
-MLP, optional tied input/output embeddings. Every parameter and activation
+MLP, optional tied input/output embeddings and dropout; the attention
+projections have no biases. Every parameter and activation
 names its logical axes (batch, length, embed, heads, kv, mlp, vocab);
 `config.sharding_rules` maps them onto the mesh.
 
