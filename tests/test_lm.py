@@ -3,13 +3,16 @@ import functools
 import hashlib
 import os
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
+import tensorflow_datasets as tfds
 
-from genflax import data, tokenizers, trainer
+from genflax import data, sharding, tokenizers, trainer
 from genflax.data import shakespeare
 from genflax.models import transformer
 from genflax.tasks import lm
@@ -42,6 +45,30 @@ def test_corpus_is_exactly_the_specified_text():
   assert text.startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I. Athens.")
   train, validation = data.load_text("shakespeare")  # through the tfds builder
   assert train + validation == text and len(train) == int(0.9 * len(text))
+
+
+class GenflaxTestText(tfds.core.GeneratorBasedBuilder):
+  """A catalogue-style text dataset: lines in "train" and "test" (no "validation")."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = epath.Path(__file__)  # see test_data.GenflaxTestImages
+  pkg_dir_path = epath.Path(__file__).parent
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(["To be", "or not"]),
+            "test": self._generate_examples(["to bé"])}
+
+  def _generate_examples(self, lines):
+    yield from enumerate({"text": line} for line in lines)
+
+
+def test_catalogue_text_dataset_loads(tmp_path):
+  GenflaxTestText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  assert data.load_text("genflax_test_text", str(tmp_path)) == ("To be\nor not", "to bé")
 
 
 def test_unprepared_catalogue_text_dataset_is_a_clear_error():
@@ -149,6 +176,35 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens():
   draws = jax.vmap(lambda r: lm.sample_token(r, logits, 1.0, 0, 0.7))(
       jax.random.split(jax.random.PRNGKey(0), 400))
   assert set(np.asarray(draws).reshape(-1).tolist()) == {0, 1}
+
+
+def test_sharding_rules_split_parameters_and_keep_the_maths():
+  """On a (data 2, fsdp 2, tensor 2) mesh: the planned layout, and the same step."""
+  mesh_cfg = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  setup, state = _setup()
+  sharded_setup, _ = _setup(**mesh_cfg)
+  mesh = sharded_setup.mesh
+  init, _, shardings = trainer.state_layout(lm, sharded_setup, mesh)
+  params = shardings["task"]["params"]
+  assert params["embed"]["embedding"].spec == P("tensor", "fsdp")
+  assert params["block0"]["attn"]["query"].spec == P("fsdp", "tensor", None)
+  assert params["block0"]["mlp_out"]["kernel"].spec == P("tensor", "fsdp")
+  assert params["block0"]["norm1"]["scale"].spec == P("fsdp")
+  windows = lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]
+  batch = {"tokens": windows}
+  sharded_state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+  step = jax.jit(functools.partial(lm.train_step, sharded_setup),
+                 in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
+  got, got_metrics = step(sharded_state["task"], sharding.put_batch(
+      batch, sharding.batch_sharding(mesh)), jax.random.PRNGKey(1))
+  assert got["params"]["block0"]["attn"]["query"].sharding.is_equivalent_to(
+      params["block0"]["attn"]["query"], 3)
+  want_state = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))
+  want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
+      want_state, batch, jax.random.PRNGKey(1))
+  assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got["params"], want["params"])
 
 
 # ---- Training, and sampling from a trained run
