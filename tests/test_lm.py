@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 import tensorflow_datasets as tfds
+from tensorboard.backend.event_processing import event_accumulator
 
 from genflax import data, sharding, tokenizers, trainer
 from genflax.data import shakespeare
@@ -155,6 +156,7 @@ def test_greedy_decoding_is_deterministic_and_matches_recomputation():
   params = state["params"]
   prompts, pads = lm.encode_prompts(setup, ["ROMEO\n", "O"])
   assert pads == [0, 5] and prompts.shape == (2, 6)
+  assert lm.encode_prompts(setup, [""])[0].shape == (1, 1)  # a newline to start from
   gen = lambda n, seed, **kw: np.asarray(lm.generate_tokens(
       setup, params, jnp.asarray(prompts), n, jax.random.PRNGKey(seed),
       kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0)))
@@ -234,6 +236,9 @@ def test_smoke_run_reports_perplexity_and_bits(smoke_run):
   assert results["perplexity"] == pytest.approx(np.exp(results["loss"]), rel=1e-6)
   assert results["bits_per_char"] == pytest.approx(results["loss"] / np.log(2), rel=1e-6)
   assert os.path.exists(os.path.join(workdir, "tokenizer", "chars.json"))
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"))
+  events.Reload()
+  assert [e.step for e in events.Tensors("samples/text_summary")] == [8, 12]
 
 
 def test_sample_cli_continues_several_prompts(smoke_run):

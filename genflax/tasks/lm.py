@@ -239,12 +239,13 @@ def encode_prompts(setup: Setup, prompts: list[str]) -> tuple[np.ndarray, list[i
   """Prompts -> int32 [B, P] and each one's padding.
 
   Shorter prompts are left-padded with newlines, the corpus's own separator,
-  so one batch needs no attention mask; prompts longer than T keep their end.
+  so one batch needs no attention mask (an empty prompt starts from a
+  newline); prompts longer than T keep their end.
   """
   tok = setup.info.tokenizer
   newline = int(tok.encode("\n")[-1])
   encoded = [tok.encode(text)[-setup.info.context:] for text in prompts]
-  p = max(map(len, encoded))
+  p = max(1, *map(len, encoded))
   pads = [p - len(e) for e in encoded]
   return np.stack([np.concatenate([np.full(n, newline, np.int32), e])
                    for n, e in zip(pads, encoded)]), pads
@@ -262,7 +263,8 @@ def samples(setup: Setup, state: dict, batch: dict, rng):
 def write_samples(setup: Setup, tokens, writer, step: int) -> None:
   text = setup.info.tokenizer.decode(tokens[0])
   writer.text(step, "samples", text)
-  print(f"sample at step {step}:\n{text}\n")
+  if writer.enabled:  # the console log is process 0's, as the trainer's
+    print(f"sample at step {step}:\n{text}\n")
 
 
 def generate(setup: Setup, state: dict, args) -> None:
