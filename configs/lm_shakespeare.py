@@ -1,0 +1,64 @@
+"""Character-level GPT on the embedded Shakespeare plays (no download).
+
+    python -m genflax.main --config configs/lm_shakespeare.py --workdir runs/lm
+    python -m genflax.sample --workdir runs/lm --prompt "ROMEO:" --max_new_tokens 500 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0
+
+Variants (the `:arg`, comma-separated): `nano` (the default: 4 layers, 4
+heads, 128 wide, context 64; a few minutes on 2 CPU cores), `baby` (6x6x384,
+context 256, dropout 0.2: hours on CPU), `spm` (sentencepiece subwords
+instead of characters, vocabulary 1024), `rotary` (rotary instead of
+learned positions), `smoke` (seconds, for tests).
+"""
+import ml_collections
+
+from genflax import defaults
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  variants = set(filter(None, arg.split(",")))
+  c = defaults.base("lm", "shakespeare", batch_size=12)
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind="char",                 # char | sentencepiece (trained on the train split)
+      vocab_size=0,                # sentencepiece only
+  ))
+  c.model = ml_collections.ConfigDict(dict(
+      variant="nano",              # a row of genflax.models.transformer.VARIANTS
+      positions="learned",         # learned | rotary
+      norm="layernorm",            # layernorm | rmsnorm
+      tie_embeddings=True,
+      dropout=0.0,
+  ))
+  c.optim = defaults.optim(name="adamw", lr=1e-3, warmup_steps=100, end_lr_frac=0.1,
+                           weight_decay=0.1, grad_clip=1.0, b2=0.99)
+  c.train.update(num_steps=2000, log_every_steps=50, eval_every_steps=250,
+                 ckpt_every_steps=500)
+  c.eval.update(
+      batch_size=120,
+      num_windows=0,               # 0: every validation window; n: a fixed seeded n of them
+      num_samples=1,
+      prompt="ROMEO\n",            # speakers head their lines in this corpus
+      sample_tokens=300,
+      temperature=0.8, top_k=40, top_p=0.95,
+  )
+  # Batches over data (and fsdp); fsdp shards parameters' embed axis, tensor
+  # the heads, MLP and vocabulary. A mesh axis serves one logical axis per array.
+  c.sharding_rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
+                      ("mlp", "tensor"), ("vocab", "tensor"), ("length", None), ("kv", None))
+  if "baby" in variants:
+    c.model.update(variant="baby", dropout=0.2)
+    c.data.batch_size = 64
+    c.eval.batch_size = 64
+    c.train.update(num_steps=5000, eval_every_steps=500)
+    c.optim.update(lr=1e-3, warmup_steps=100)
+  if "spm" in variants:
+    c.tokenizer.update(kind="sentencepiece", vocab_size=1024)
+  if "rotary" in variants:
+    c.model.positions = "rotary"
+  if "smoke" in variants:
+    defaults.smoke(c)
+    c.model.variant = "tiny"
+    c.data.batch_size = 16
+    c.eval.update(batch_size=32, num_windows=64, sample_tokens=24)
+    if c.tokenizer.kind == "sentencepiece":
+      c.tokenizer.vocab_size = 400
+  return c

@@ -1,0 +1,164 @@
+"""A decoder-only causal Transformer (GPT-style) with an explicit KV cache.
+
+Shapes: B batch, T tokens in this call, S cache length (the context), D model
+width, H heads, K width per head, F MLP width, V vocabulary.
+
+Pre-norm blocks (LayerNorm or RMSNorm), learned or rotary positions, GELU
+MLP, optional tied input/output embeddings and dropout; the attention
+projections have no biases. Every parameter and activation
+names its logical axes (batch, length, embed, heads, kv, mlp, vocab);
+`config.sharding_rules` maps them onto the mesh.
+
+Calling with `cache=None` runs plain causal attention over T tokens. With a
+cache ({"k", "v"} per layer, [B, S, H, K] each, from `init_cache`) the T new
+tokens sit at positions index..index+T-1: their keys and values are written
+into the cache and they attend to everything up to themselves, so a prefill
+(T = prompt length, index 0) followed by one-token calls equals running the
+whole sequence at once.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+POSITIONS = ("learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  num_layers: int
+  num_heads: int
+  width: int      # D; the MLP is 4 * D wide
+  context: int    # S: the longest sequence the model sees
+
+
+VARIANTS = {
+    "nano": Variant(num_layers=4, num_heads=4, width=128, context=64),
+    "micro": Variant(num_layers=4, num_heads=4, width=256, context=128),
+    "baby": Variant(num_layers=6, num_heads=6, width=384, context=256),
+    "tiny": Variant(num_layers=2, num_heads=2, width=32, context=16),  # tests
+}
+
+
+def dense(features: int, names, name: str, use_bias=True):
+  """nn.Dense whose kernel and bias carry logical axis names."""
+  return nn.Dense(
+      features, use_bias=use_bias, name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
+
+
+def norm(kind: str, name: str):
+  scale = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+  if kind == "rmsnorm":
+    return nn.RMSNorm(scale_init=scale, name=name)
+  bias = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+  return nn.LayerNorm(scale_init=scale, bias_init=bias, name=name)
+
+
+def rotary(x, positions):
+  """Rotates pairs of x [B, T, H, K] by angles position / 10000^(2i/K)."""
+  k = x.shape[-1]
+  freqs = 1.0 / 10000 ** (jnp.arange(0, k, 2) / k)           # [K/2]
+  angles = positions[:, None] * freqs[None, :]                # [T, K/2]
+  sin, cos = jnp.sin(angles)[None, :, None], jnp.cos(angles)[None, :, None]
+  x1, x2 = x[..., 0::2], x[..., 1::2]
+  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)  # [B, T, H, K/2, 2]
+  return out.reshape(x.shape)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  rotary: bool
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, positions, cache, index, train):
+    """x [B, T, D], positions [T] -> ([B, T, D], updated cache or None)."""
+    b, t, d = x.shape
+    h = self.num_heads
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "heads", "kv"))
+    w = [self.param(name, init, (d, h, d // h)) for name in ("query", "key", "value")]
+    q, k, v = (jnp.einsum("btd,dhk->bthk", x, wi) for wi in w)  # [B, T, H, K]
+    if self.rotary:
+      q, k = rotary(q, positions), rotary(k, positions)
+    names = ("batch", "length", "heads", "kv")
+    q, k, v = (nn.with_logical_constraint(a, names) for a in (q, k, v))
+    if cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    else:
+      k = jax.lax.dynamic_update_slice(cache["k"], k, (0, index, 0, 0))  # [B, S, H, K]
+      v = jax.lax.dynamic_update_slice(cache["v"], v, (0, index, 0, 0))
+      cache = {"k": k, "v": v}
+      # Query at position index + i sees keys up to it; later slots are empty.
+      mask = jnp.arange(k.shape[1])[None, :] <= positions[:, None]  # [T, S]
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
+    out = nn.with_logical_constraint(out, names)
+    w_out = self.param("out", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("heads", "kv", "embed")), (h, d // h, d))
+    out = jnp.einsum("bthk,hkd->btd", out, w_out)  # [B, T, D]
+    return nn.Dropout(self.dropout, deterministic=not train)(out), cache
+
+
+class Block(nn.Module):
+  num_heads: int
+  rotary: bool
+  norm: str
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, positions, cache, index, train):
+    d = x.shape[-1]
+    h, cache = Attention(self.num_heads, self.rotary, self.dropout, name="attn")(
+        norm(self.norm, "norm1")(x), positions, cache, index, train)
+    x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+    h = dense(4 * d, ("embed", "mlp"), "mlp_in")(norm(self.norm, "norm2")(x))  # [B, T, F]
+    h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
+    h = nn.Dropout(self.dropout, deterministic=not train)(dense(d, ("mlp", "embed"), "mlp_out")(h))
+    return nn.with_logical_constraint(x + h, ("batch", "length", "embed")), cache
+
+
+class Transformer(nn.Module):
+  vocab_size: int
+  variant: Variant
+  positions: str = "learned"
+  norm: str = "layernorm"
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens, cache=None, index=0, train=False):
+    """tokens int [B, T] at positions index.. -> (logits [B, T, V], cache)."""
+    v = self.variant
+    t = tokens.shape[1]
+    positions = index + jnp.arange(t)                       # [T]
+    embed = nn.Embed(self.vocab_size, v.width, name="embed", embedding_init=(
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))))
+    x = embed(tokens)                                       # [B, T, D]
+    if self.positions == "learned":
+      table = self.param("pos_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("length", "embed")), (v.context, v.width))
+      x = x + jax.lax.dynamic_slice_in_dim(table, index, t)[None]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    new_cache = []
+    for i in range(v.num_layers):
+      x, layer_cache = Block(v.num_heads, self.positions == "rotary", self.norm, self.dropout,
+                             name=f"block{i}")(x, positions, None if cache is None else cache[i], index, train)
+      new_cache.append(layer_cache)
+    x = norm(self.norm, "norm_out")(x)
+    if self.tie_embeddings:
+      logits = embed.attend(x)                              # [B, T, V]
+    else:
+      logits = dense(self.vocab_size, ("embed", "vocab"), "head", use_bias=False)(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return logits, (new_cache if cache is not None else None)
+
+
+def init_cache(variant: Variant, batch_size: int, dtype=jnp.float32) -> list:
+  """An empty KV cache: per layer {"k", "v"} [B, S, H, K] zeros."""
+  shape = (batch_size, variant.context, variant.num_heads, variant.width // variant.num_heads)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(variant.num_layers)]

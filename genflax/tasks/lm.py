@@ -1,0 +1,276 @@
+"""LM family: a causal Transformer trained on next-token cross-entropy.
+
+Shapes: B batch, T context (tokens per window, `variant.context`), P prompt
+length, N new tokens, V vocabulary.
+
+Data: the token stream of each split is cut into windows of T + 1 tokens
+that overlap by one, so every token after the first is a target exactly
+once. Evaluation runs over all validation windows (or, with
+`eval.num_windows`, a fixed seeded subset of them) and reports the mean
+next-token loss in nats, its perplexity, and bits per character (char
+tokenizer) or per UTF-8 byte (sentencepiece) of the predicted text.
+
+Sampling keeps a KV cache of T positions: one prefill of the prompt, then a
+`lax.scan` of one-token steps. When the cache is full, the last T/2 tokens
+are prefilled again into a fresh cache (the model only knows T positions),
+inside the same compiled loop.
+"""
+import dataclasses
+import functools
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from genflax import data, optim, sharding, tokenizers, trainer
+from genflax.errors import ConfigError
+from genflax.models import transformer
+from genflax.models.transformer import Transformer
+
+
+# ---- Data
+
+@dataclasses.dataclass(frozen=True)
+class TextInfo:
+  name: str
+  tokenizer: object = dataclasses.field(repr=False)
+  context: int               # T
+  num_train_tokens: int
+  num_val_tokens: int
+  num_train_windows: int
+  num_eval_windows: int
+  unit: str                  # "char" or "byte": what bits are reported per
+  tokens_per_unit: float     # over the evaluated targets
+
+  def __str__(self):
+    return (f"{self.name} ({self.tokenizer.kind} tokens, vocabulary {self.tokenizer.vocab_size}; "
+            f"{self.num_train_tokens:,} train / {self.num_val_tokens:,} validation tokens; "
+            f"{self.num_train_windows:,} train / {self.num_eval_windows:,} eval windows of "
+            f"{self.context}+1; {1 / self.tokens_per_unit:.3f} {self.unit}s per token)")
+
+
+def windows(ids: np.ndarray, t: int) -> np.ndarray:
+  """A token stream [L] -> windows [(L - 1) // t, t + 1], each starting where the last ended."""
+  n = (len(ids) - 1) // t
+  starts = np.arange(n)[:, None] * t
+  return ids[starts + np.arange(t + 1)[None, :]]
+
+
+def datasets(config, workdir: str):
+  """Windows {"tokens": int32 [N, T + 1]}; the tokenizer is trained into workdir/tokenizer."""
+  train_text, val_text = data.load_text(config.data.name, config.data.data_dir or None)
+  tok = tokenizers.load_or_train(config.tokenizer.kind, os.path.join(workdir, "tokenizer"),
+                                 train_text, config.tokenizer.vocab_size)
+  t = variant(config).context
+  train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
+  train, test = windows(train_ids, t), windows(val_ids, t)
+  if config.eval.num_windows and config.eval.num_windows < len(test):
+    rows = np.random.default_rng(config.seed).choice(len(test), config.eval.num_windows,
+                                                     replace=False)
+    test = test[np.sort(rows)]
+  unit = "char" if tok.kind == "char" else "byte"
+  targets = "".join(tok.decode(w[1:]) for w in test)
+  units = len(targets) if unit == "char" else len(targets.encode("utf-8"))
+  info = TextInfo(config.data.name, tok, t, len(train_ids), len(val_ids), len(train), len(test),
+                  unit, test[:, 1:].size / units)
+  return {"tokens": train}, {"tokens": test}, info
+
+
+# ---- Setup and state
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
+class Setup:
+  config: object
+  info: TextInfo
+  model: Transformer
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+
+
+def variant(config) -> transformer.Variant:
+  name = config.model.variant
+  if name not in transformer.VARIANTS:
+    raise ConfigError(f"model.variant={name!r}: expected one of {sorted(transformer.VARIANTS)}")
+  return transformer.VARIANTS[name]
+
+
+def build(config, info: TextInfo) -> Setup:
+  m = config.model
+  if m.positions not in transformer.POSITIONS:
+    raise ConfigError(f"model.positions={m.positions!r}: expected one of {transformer.POSITIONS}")
+  if m.norm not in transformer.NORMS:
+    raise ConfigError(f"model.norm={m.norm!r}: expected one of {transformer.NORMS}")
+  model = Transformer(info.tokenizer.vocab_size, variant(config), m.positions, m.norm,
+                      m.tie_embeddings, m.dropout)
+  steps = config.train.num_steps
+  return Setup(config, info, model, optim.build(config.optim, steps, decay_mask),
+               optim.schedule(config.optim, steps), sharding.make_mesh(config.mesh))
+
+
+def decay_mask(params):
+  """Weight decay for weight matrices only: not embeddings, norms or biases."""
+  def is_matrix(path, x):
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return x.ndim >= 2 and keys[-1] not in ("embedding", "pos_embed")
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def init(setup: Setup, rng) -> dict:
+  tokens = jnp.zeros((1, setup.info.context), jnp.int32)
+  params = setup.model.init(rng, tokens)["params"]  # boxed with logical axis names
+  return {"params": params, "opt_state": setup.tx.init(params)}
+
+
+def learning_rates(setup: Setup, step: int) -> dict:
+  return {"lr": setup.schedule(step)}
+
+
+# ---- Training and evaluation
+
+def apply_on_mesh(setup: Setup, params, tokens, train=False, rng=None):
+  """Logits [B, T, V] with the activations' logical axes bound to the mesh."""
+  rules = tuple(map(tuple, setup.config.sharding_rules))
+  with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    logits, _ = setup.model.apply({"params": params}, tokens, train=train,
+                                  rngs=None if rng is None else {"dropout": rng})
+  return logits
+
+
+def window_loss(logits, tokens):
+  """Mean next-token NLL per window, nats: logits [B, T, V], tokens [B, T + 1] -> [B]."""
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+  return nll.mean(-1)
+
+
+def train_step(setup: Setup, state: dict, batch: dict, rng):
+  tokens = batch["tokens"]  # [B, T + 1]
+
+  def loss_fn(params):
+    logits = apply_on_mesh(setup, params, tokens[:, :-1], train=True, rng=rng)
+    return window_loss(logits, tokens).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  return {"params": optax.apply_updates(state["params"], updates),
+          "opt_state": opt_state}, metrics
+
+
+def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
+  """Per window: loss (nats per token) and bits per char or byte [B]."""
+  del rng, final  # evaluation is deterministic
+  tokens = batch["tokens"]
+  loss = window_loss(apply_on_mesh(setup, state["params"], tokens[:, :-1]), tokens)
+  # Windows hold equal numbers of targets, so means over windows are exact.
+  return {"loss": loss,
+          f"bits_per_{setup.info.unit}": loss / math.log(2) * setup.info.tokens_per_unit}
+
+
+_eval_step = jax.jit(eval_step, static_argnums=(0, 4))
+
+
+def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
+  """eval_step's means over the eval windows, plus perplexity = exp(mean loss)."""
+  step = lambda s, b, r, f: _eval_step(setup, s, b, r, f)
+  values = trainer.evaluate(step, state, test, setup.config.eval.batch_size,
+                            sharding.batch_sharding(setup.mesh), rng, final)
+  values["perplexity"] = math.exp(values["loss"])
+  return values
+
+
+# ---- Sampling
+
+def sample_token(rng, logits, temperature: float, top_k: int, top_p: float):
+  """logits [B, V] -> tokens [B]; temperature 0 is greedy."""
+  if temperature == 0:
+    return jnp.argmax(logits, -1)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1:
+    ordered = jnp.sort(logits, -1)[:, ::-1]                   # [B, V], most likely first
+    probs = jax.nn.softmax(ordered, -1)
+    kept = jnp.cumsum(probs, -1) - probs < top_p               # the token crossing top_p stays
+    cut = jnp.min(jnp.where(kept, ordered, jnp.inf), -1, keepdims=True)
+    logits = jnp.where(logits < cut, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 5, 6, 7))
+def generate_tokens(setup: Setup, params, prompts, num_new: int, rng,
+                    temperature: float, top_k: int, top_p: float):
+  """prompts int [B, P] (P <= T) -> [B, P + N]: the prompts and N sampled tokens."""
+  model, s = setup.model, setup.info.context
+  b, p = prompts.shape
+  keep = s // 2
+  logits, cache = model.apply({"params": params}, prompts, transformer.init_cache(model.variant, b))
+  buf = jnp.concatenate([prompts, jnp.zeros((b, num_new), prompts.dtype)], 1)  # [B, P + N]
+
+  def step(carry, i):
+    buf, cache, pos, last, rng = carry
+    rng, sub = jax.random.split(rng)
+    tok = sample_token(sub, last, temperature, top_k, top_p).astype(buf.dtype)  # [B]
+    buf = jax.lax.dynamic_update_slice(buf, tok[:, None], (0, p + i))
+
+    def refill(_):  # the cache is full: restart it from the last T/2 tokens
+      window = jax.lax.dynamic_slice(buf, (0, p + i + 1 - keep), (b, keep))
+      logits, c = model.apply({"params": params}, window, transformer.init_cache(model.variant, b))
+      return c, jnp.int32(keep), logits[:, -1]
+
+    def advance(_):
+      logits, c = model.apply({"params": params}, tok[:, None], cache, pos)
+      return c, pos + 1, logits[:, -1]
+
+    cache, pos, last = jax.lax.cond(pos == s, refill, advance, None)
+    return (buf, cache, pos, last, rng), None
+
+  carry = (buf, cache, jnp.int32(p), logits[:, -1], rng)
+  (buf, *_), _ = jax.lax.scan(step, carry, jnp.arange(num_new))
+  return buf
+
+
+def encode_prompts(setup: Setup, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
+  """Prompts -> int32 [B, P] and each one's padding.
+
+  Shorter prompts are left-padded with newlines, the corpus's own separator,
+  so one batch needs no attention mask (an empty prompt starts from a
+  newline); prompts longer than T keep their end.
+  """
+  tok = setup.info.tokenizer
+  newline = int(tok.encode("\n")[-1])
+  encoded = [tok.encode(text)[-setup.info.context:] for text in prompts]
+  p = max(1, *map(len, encoded))
+  pads = [p - len(e) for e in encoded]
+  return np.stack([np.concatenate([np.full(n, newline, np.int32), e])
+                   for n, e in zip(pads, encoded)]), pads
+
+
+def samples(setup: Setup, state: dict, batch: dict, rng):
+  """Tokens [1, P + N] continuing `eval.prompt` (the same at every eval)."""
+  del batch  # the prompt comes from the config
+  e = setup.config.eval
+  prompts, _ = encode_prompts(setup, [e.prompt])
+  return generate_tokens(setup, state["params"], jnp.asarray(prompts), e.sample_tokens, rng,
+                         e.temperature, e.top_k, e.top_p)
+
+
+def write_samples(setup: Setup, tokens, writer, step: int) -> None:
+  text = setup.info.tokenizer.decode(tokens[0])
+  writer.text(step, "samples", text)
+  if writer.enabled:  # the console log is process 0's, as the trainer's
+    print(f"sample at step {step}:\n{text}\n")
+
+
+def generate(setup: Setup, state: dict, args) -> None:
+  """`genflax.sample`: continues each --prompt (batched) and prints the texts."""
+  prompts, pads = encode_prompts(setup, list(args.prompt))
+  out = generate_tokens(setup, state["params"], jnp.asarray(prompts), args.max_new_tokens,
+                        jax.random.PRNGKey(args.seed), args.temperature, args.top_k, args.top_p)
+  for i, row in enumerate(jax.device_get(out)):
+    print(f"---- sample {i}\n{setup.info.tokenizer.decode(row[pads[i]:])}")

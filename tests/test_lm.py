@@ -1,0 +1,262 @@
+"""The LM family: corpus, tokenizers, Transformer, KV-cache sampling, CLI."""
+import functools
+import hashlib
+import os
+
+from etils import epath
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+import tensorflow_datasets as tfds
+from tensorboard.backend.event_processing import event_accumulator
+
+from genflax import data, sharding, tokenizers, trainer
+from genflax.data import shakespeare
+from genflax.models import transformer
+from genflax.tasks import lm
+from tests import helpers
+
+ODD_TEXT = "héllo  wörld\n\n  x\t☃ ok\nROMEO:\n  \n"
+
+
+@functools.cache
+def _train_text():
+  return shakespeare.split(shakespeare.corpus())[0]
+
+
+def _setup(**overrides):
+  """A tiny char model (context 16) on one device, and its state."""
+  config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 1, **overrides})
+  tok = tokenizers.CharTokenizer.train(_train_text())
+  info = lm.TextInfo("shakespeare", tok, 16, 0, 0, 0, 0, "char", 1.0)
+  setup = lm.build(config, info)
+  return setup, nn.unbox(lm.init(setup, jax.random.PRNGKey(0)))
+
+
+# ---- Corpus and tokenizers
+
+def test_corpus_is_exactly_the_specified_text():
+  text = shakespeare.corpus()
+  assert len(text) == 4_956_338 and len(set(text)) == 80
+  assert hashlib.sha256(text.encode("utf-8")).hexdigest() == (
+      "45fd4b88f5a789d77b6a7f4f2cfab43ddd2a7e41052f530e80f283cb2b962c94")
+  assert text.startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I. Athens.")
+  train, validation = data.load_text("shakespeare")  # through the tfds builder
+  assert train + validation == text and len(train) == int(0.9 * len(text))
+
+
+class GenflaxTestText(tfds.core.GeneratorBasedBuilder):
+  """A catalogue-style text dataset: lines in "train" and "test" (no "validation")."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  code_path = epath.Path(__file__)  # see test_data.GenflaxTestImages
+  pkg_dir_path = epath.Path(__file__).parent
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(["To be", "or not"]),
+            "test": self._generate_examples(["to bé"])}
+
+  def _generate_examples(self, lines):
+    yield from enumerate({"text": line} for line in lines)
+
+
+def test_catalogue_text_dataset_loads(tmp_path):
+  GenflaxTestText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  assert data.load_text("genflax_test_text", str(tmp_path)) == ("To be\nor not", "to bé")
+
+
+def test_unprepared_catalogue_text_dataset_is_a_clear_error():
+  with pytest.raises(data.DatasetNotPreparedError, match="tfds build tiny_shakespeare"):
+    data.load_text("tiny_shakespeare")
+
+
+def test_char_tokenizer_round_trips_and_is_saved(tmp_path):
+  tok = tokenizers.load_or_train("char", str(tmp_path), ODD_TEXT)
+  assert tok.decode(tok.encode(ODD_TEXT)) == ODD_TEXT
+  assert tok.vocab_size == len(set(ODD_TEXT))
+  again = tokenizers.load_or_train("char", str(tmp_path), "other text")  # reused, not retrained
+  np.testing.assert_array_equal(again.encode(ODD_TEXT), tok.encode(ODD_TEXT))
+  with pytest.raises(Exception, match="not in the"):
+    tok.encode("Z")
+
+
+def test_sentencepiece_round_trips_and_is_saved(tmp_path):
+  text = shakespeare.corpus()[:60_000]
+  tok = tokenizers.load_or_train("sentencepiece", str(tmp_path), text, 400)
+  assert tok.vocab_size == 400 and os.path.exists(tmp_path / "spm.model")
+  for sample in (text[-5000:], ODD_TEXT):  # unseen characters go through bytes
+    assert tok.decode(tok.encode(sample)) == sample
+  assert len(tok.encode(text[-5000:])) < 0.7 * 5000  # subwords, not characters
+  again = tokenizers.load_or_train("sentencepiece", str(tmp_path), "x", 400)
+  np.testing.assert_array_equal(again.encode(ODD_TEXT), tok.encode(ODD_TEXT))
+
+
+def test_windows_cover_every_target_once():
+  ids = np.arange(21)
+  w = lm.windows(ids, 4)  # [5, 5]
+  assert w.shape == (5, 5)
+  np.testing.assert_array_equal(w[:, 1:].reshape(-1), ids[1:])
+  np.testing.assert_array_equal(w[:, 0], [0, 4, 8, 12, 16])
+
+
+# ---- Model
+
+def test_every_parameter_has_logical_axis_names():
+  setup, _ = _setup()
+  boxed = jax.eval_shape(functools.partial(lm.init, setup), jax.random.PRNGKey(0))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  known = {"batch", "length", "embed", "heads", "kv", "mlp", "vocab"}
+  for x in leaves:
+    assert len(x.names) == x.value.ndim and set(x.names) <= known
+  # Weight decay reaches matrices only.
+  mask = lm.decay_mask(nn.unbox(boxed))
+  flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat["['block0']['mlp_in']['kernel']"] and flat["['block0']['attn']['query']"]
+  assert not any(m for k, m in flat.items() if "embed" in k or "norm" in k or "bias" in k)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_kv_cache_gives_the_logits_of_full_recomputation(positions):
+  setup, state = _setup(**{"model.positions": positions})
+  model, params = setup.model, {"params": state["params"]}
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, model.vocab_size)
+  full, _ = model.apply(params, tokens)  # [2, 16, V]
+  cache = transformer.init_cache(model.variant, 2)
+  logits, cache = model.apply(params, tokens[:, :6], cache)  # prefill
+  got = [logits]
+  decode = jax.jit(lambda tok, cache, i: model.apply(params, tok, cache, i))
+  for i in range(6, 16):
+    logits, cache = decode(tokens[:, i:i + 1], cache, i)
+    got.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=2e-5, rtol=1e-5)
+  assert decode._cache_size() == 1  # one compilation for every position
+
+
+def test_changing_a_future_token_leaves_earlier_logits_alone():
+  setup, state = _setup(**{"model.positions": "rotary", "model.norm": "rmsnorm",
+                           "model.tie_embeddings": False})
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 16), 0, setup.model.vocab_size)
+  changed = tokens.at[0, 10].set((tokens[0, 10] + 1) % setup.model.vocab_size)
+  a, _ = setup.model.apply({"params": state["params"]}, tokens)
+  b, _ = setup.model.apply({"params": state["params"]}, changed)
+  np.testing.assert_array_equal(a[:, :10], b[:, :10])
+  assert not np.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_greedy_decoding_is_deterministic_and_matches_recomputation():
+  setup, state = _setup()
+  params = state["params"]
+  prompts, pads = lm.encode_prompts(setup, ["ROMEO\n", "O"])
+  assert pads == [0, 5] and prompts.shape == (2, 6)
+  assert lm.encode_prompts(setup, [""])[0].shape == (1, 1)  # a newline to start from
+  gen = lambda n, seed, **kw: np.asarray(lm.generate_tokens(
+      setup, params, jnp.asarray(prompts), n, jax.random.PRNGKey(seed),
+      kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0)))
+  out = gen(30, 0)  # past the context of 16: refills the cache twice
+  np.testing.assert_array_equal(out, gen(30, 1))
+  np.testing.assert_array_equal(out[:, :6], prompts)
+  # Within the context each greedy token is the argmax of a full recomputation.
+  logits, _ = setup.model.apply({"params": params}, jnp.asarray(out[:, :16]))
+  np.testing.assert_array_equal(out[:, 6:16], np.argmax(logits[:, 5:15], -1))
+  # Real sampling depends on the seed.
+  assert not np.array_equal(gen(30, 3, temperature=1.0, top_p=0.95),
+                            gen(30, 4, temperature=1.0, top_p=0.95))
+
+
+def test_top_k_and_top_p_keep_the_likeliest_tokens():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  top1 = lm.sample_token(jax.random.PRNGKey(0), jnp.array([[0.1, 2.0, -1.0]]), 1.0, 1, 1.0)
+  assert int(top1[0]) == 1  # top_k=1 is greedy
+  draws = jax.vmap(lambda r: lm.sample_token(r, logits, 1.0, 0, 0.7))(
+      jax.random.split(jax.random.PRNGKey(0), 400))
+  assert set(np.asarray(draws).reshape(-1).tolist()) == {0, 1}
+
+
+def test_sharding_rules_split_parameters_and_keep_the_maths():
+  """On a (data 2, fsdp 2, tensor 2) mesh: the planned layout, and the same step."""
+  mesh_cfg = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  setup, state = _setup()
+  sharded_setup, _ = _setup(**mesh_cfg)
+  mesh = sharded_setup.mesh
+  init, _, shardings = trainer.state_layout(lm, sharded_setup, mesh)
+  params = shardings["task"]["params"]
+  assert params["embed"]["embedding"].spec == P("tensor", "fsdp")
+  assert params["block0"]["attn"]["query"].spec == P("fsdp", "tensor", None)
+  assert params["block0"]["mlp_out"]["kernel"].spec == P("tensor", "fsdp")
+  assert params["block0"]["norm1"]["scale"].spec == P("fsdp")
+  windows = lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]
+  batch = {"tokens": windows}
+  sharded_state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+  step = jax.jit(functools.partial(lm.train_step, sharded_setup),
+                 in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
+  got, got_metrics = step(sharded_state["task"], sharding.put_batch(
+      batch, sharding.batch_sharding(mesh)), jax.random.PRNGKey(1))
+  assert got["params"]["block0"]["attn"]["query"].sharding.is_equivalent_to(
+      params["block0"]["attn"]["query"], 3)
+  want_state = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))
+  want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
+      want_state, batch, jax.random.PRNGKey(1))
+  assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got["params"], want["params"])
+
+
+# ---- Training, and sampling from a trained run
+
+def test_loss_goes_down_on_a_short_run():
+  setup, state = _setup(**{"optim.lr": 3e-3, "optim.warmup_steps": 5, "train.num_steps": 80})
+  windows = lm.windows(setup.info.tokenizer.encode(_train_text()[:200_000]), 16)
+  batches = data.Batches({"tokens": windows}, 32, seed=0)
+  step = jax.jit(functools.partial(lm.train_step, setup))
+  losses = []
+  for i in range(80):
+    state, metrics = step(state, batches.get(i), jax.random.PRNGKey(i))
+    losses.append(float(metrics["loss"]))
+  assert losses[0] > 4.0  # about log(80) at init
+  assert np.mean(losses[-10:]) < 3.0
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("lm_smoke"))
+  return workdir, trainer.train(helpers.config("lm_shakespeare"), workdir)
+
+
+def test_smoke_run_reports_perplexity_and_bits(smoke_run):
+  workdir, results = smoke_run
+  assert results["step"] == 12 and results["train_step_traces"] == 1
+  assert results["perplexity"] == pytest.approx(np.exp(results["loss"]), rel=1e-6)
+  assert results["bits_per_char"] == pytest.approx(results["loss"] / np.log(2), rel=1e-6)
+  assert os.path.exists(os.path.join(workdir, "tokenizer", "chars.json"))
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"))
+  events.Reload()
+  assert [e.step for e in events.Tensors("samples/text_summary")] == [8, 12]
+
+
+def test_sample_cli_continues_several_prompts(smoke_run):
+  workdir, _ = smoke_run
+  result = helpers.cli("--workdir", workdir, "--prompt", "ROMEO:", "--prompt", "JULIET\nO",
+                       "--max_new_tokens", "40", "--temperature", "0.8", "--top_k", "40",
+                       "--top_p", "0.95", "--seed", "0", module="genflax.sample")
+  assert result.returncode == 0, result.stderr
+  assert "step 12" in result.stdout
+  texts = result.stdout.split("---- sample ")[1:]
+  assert len(texts) == 2
+  assert texts[0].startswith("0\nROMEO:") and texts[1].startswith("1\nJULIET\nO")
+
+
+def test_sentencepiece_datasets_measure_bits_per_byte(tmp_path):
+  config = helpers.config("lm_shakespeare", "spm,smoke")
+  train, test, info = lm.datasets(config, str(tmp_path))
+  assert info.unit == "byte" and 0.2 < info.tokens_per_unit < 0.8
+  assert train["tokens"].shape[1] == 17 and test["tokens"].shape == (64, 17)
+  assert train["tokens"].max() < info.tokenizer.vocab_size == 400
+  assert os.path.exists(tmp_path / "tokenizer" / "spm.model")
