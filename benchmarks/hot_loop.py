@@ -5,13 +5,16 @@ state donated) on the config's real data. Printed as a markdown table and
 written as JSON (`--out`):
   compile time of the first step; step time median, p10 and p90 (each step
   synchronised); steps/s of an unsynchronised run, as the loop runs;
-  examples/s; model FLOPs per step counted by the family (`task.train_flops`)
+  examples/s (tokens/s for the LM); model FLOPs per step counted by the
+  family (`task.train_flops`)
   beside XLA's own count; achieved FLOP/s and MFU against the float32
   matmul peak measured in the same run; the input pipeline's time per batch;
-  peak host memory.
+  peak host memory; for the LM, decoding speed with the KV cache against
+  recomputing the context for every new token (256 tokens).
 """
 import argparse
 import ast
+import functools
 import importlib
 import json
 import resource
@@ -37,6 +40,41 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
       f(a).block_until_ready()
       best = max(best, 2 * n**3 / (time.perf_counter() - t))
   return best
+
+
+def decode_speed(setup, params, num_new: int = 256, batch: int = 1) -> dict:
+  """LM only: new tokens/s with the KV cache against recomputing the window each token."""
+  from genflax.tasks import lm  # pylint: disable=g-import-not-at-top
+  t = setup.info.context
+  prompt = jnp.zeros((batch, 1), jnp.int32)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def recompute(prompt, num_new):
+    """Greedy decoding that runs the model over the last (up to) T tokens at every step."""
+    buf = jnp.concatenate([prompt, jnp.zeros((batch, num_new), jnp.int32)], 1)
+
+    def step(buf, i):  # i + 1 tokens are known; the window is the last T of them
+      start = jnp.maximum(i + 1 - t, 0)
+      window = jax.lax.dynamic_slice_in_dim(buf, start, t, axis=1)  # [B, T]
+      logits, _ = setup.model.apply({"params": params}, window)
+      last = jnp.minimum(i, t - 1)                                  # where token i sits
+      tok = jnp.argmax(logits[:, last], -1).astype(buf.dtype)
+      return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, i + 1)), None
+
+    return jax.lax.scan(step, buf, jnp.arange(num_new))[0]
+
+  cached = lambda: lm.generate_tokens(setup, params, prompt, num_new, jax.random.PRNGKey(0),
+                                      0.0, 0, 1.0)
+  times = {}
+  for name, fn in (("cached", cached), ("recompute", lambda: recompute(prompt, num_new))):
+    jax.block_until_ready(fn())  # compile
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times[name] = time.perf_counter() - t0
+  return {"decode_new_tokens": num_new,
+          "decode_tokens_per_s_cached": batch * num_new / times["cached"],
+          "decode_tokens_per_s_recompute": batch * num_new / times["recompute"],
+          "decode_speedup": times["recompute"] / times["cached"]}
 
 
 def percentile(values, q):
@@ -87,6 +125,7 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
   median = statistics.median(step_times)
   flops = task.train_flops(setup) * config.data.batch_size
   device_mem = jax.devices()[0].memory_stats() or {}
+  extras = decode_speed(setup, state["task"]["params"]) if config.task == "lm" else {}
   return {
       "config": config.task, "dataset": info.name, "batch_size": config.data.batch_size,
       "devices": int(np.prod(list(mesh.shape.values()))),
@@ -95,6 +134,8 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
       "step_ms_p90": 1e3 * percentile(step_times, 90),
       "steps_per_s_synced": 1 / median, "steps_per_s_loop": loop_steps_per_s,
       "examples_per_s": loop_steps_per_s * config.data.batch_size,
+      **({"tokens_per_s": loop_steps_per_s * config.data.batch_size * info.context}
+         if config.task == "lm" else {}),
       "model_gflops_per_step": flops / 1e9, "xla_gflops_per_step": xla_flops / 1e9,
       "achieved_gflops_per_s": flops / median / 1e9, "peak_matmul_gflops_per_s": peak / 1e9,
       "mfu": flops / median / peak, "input_ms_per_batch": 1e3 * statistics.median(input_times),
@@ -102,6 +143,7 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
       "peak_host_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "peak_device_mem_mb": device_mem.get("peak_bytes_in_use", float("nan")) / 2**20,
       "train_step_traces": traces[0],
+      **extras,
   }
 
 

@@ -8,9 +8,10 @@ from genflax import trainer
 from tests import helpers
 
 
-@pytest.mark.parametrize("arg", ["", "conv"])
-def test_hot_loop_reports_and_flops_match_xla(arg):
-  config = helpers.config("vae_digits", arg, **{"mesh.data": 1})
+@pytest.mark.parametrize("name,arg", [("vae_digits", ""), ("vae_digits", "conv"),
+                                      ("lm_shakespeare", "nano")])
+def test_hot_loop_reports_and_flops_match_xla(name, arg):
+  config = helpers.config(name, arg, **{"mesh.data": 1})
   results = hot_loop.run(config, steps=3, warmup=1, peak_sizes=(512,))
   assert results["train_step_traces"] == 1
   assert results["step_ms_p10"] <= results["step_ms_median"] <= results["step_ms_p90"]
@@ -20,6 +21,10 @@ def test_hot_loop_reports_and_flops_match_xla(arg):
   ratio = results["model_gflops_per_step"] / results["xla_gflops_per_step"]
   assert 0.8 < ratio < 1.25, ratio
   assert "| mfu |" in hot_loop.markdown(results)
+  if name.startswith("lm"):
+    assert results["tokens_per_s"] == pytest.approx(results["examples_per_s"] * 64)
+    # Even at nano size the cache saves most of the work over 256 tokens.
+    assert results["decode_speedup"] > 2
 
 
 def test_profile_steps_write_a_trace(tmp_path):

@@ -183,6 +183,22 @@ def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
   return values
 
 
+def train_flops(setup: Setup) -> float:
+  """FLOPs of one training window, nanoGPT's estimate: 6 N T + 12 L D T^2.
+
+  N counts the weights used in matmuls: not the embedding lookups, but the
+  output projection onto the vocabulary (the embedding itself when tied).
+  """
+  v, t = setup.model.variant, setup.info.context
+  shapes = jax.eval_shape(setup.model.init, jax.random.PRNGKey(0), jnp.zeros((1, t), jnp.int32))
+  sizes = {"/".join(str(k.key) for k in path): math.prod(x.shape) for path, x in
+           jax.tree_util.tree_leaves_with_path(nn.unbox(shapes["params"]))}
+  n = sum(size for name, size in sizes.items() if name not in ("embed/embedding", "pos_embed"))
+  if setup.model.tie_embeddings:
+    n += sizes["embed/embedding"]
+  return 6 * n * t + 12 * v.num_layers * v.width * t * t
+
+
 # ---- Sampling
 
 def sample_token(rng, logits, temperature: float, top_k: int, top_p: float):
