@@ -40,6 +40,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       sample_tokens=300,
       temperature=0.8, top_k=40, top_p=0.95,
   )
+  # On CPU, one device per core runs the batch data-parallel: at nano size
+  # the single default device leaves the second core idle (benchmarks/README.md).
+  c.cpu_devices = -1
   # Batches over data (and fsdp); fsdp shards parameters' embed axis, tensor
   # the heads, MLP and vocabulary. A mesh axis serves one logical axis per array.
   c.sharding_rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),

@@ -30,6 +30,11 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
   ))
   # Axis sizes of the device mesh; -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # On a CPU-only machine, XLA makes one device that small matmuls run on one
+  # core of; N > 0 splits the host into N devices (-1: one per core) so the
+  # batch runs data-parallel over the cores. 0 keeps XLA's default. An
+  # XLA_FLAGS device count set in the environment wins.
+  c.cpu_devices = 0
   c.sharding_rules = ()          # (logical axis, mesh axis) pairs
   return c
 

@@ -97,9 +97,18 @@ def start_distributed() -> None:
                              process_id=_PROCESS_ID.value)
 
 
+def split_cpu(count: int) -> None:
+  """Asks XLA for `count` host devices (-1: one per core); must run before jax starts."""
+  flag = "--xla_force_host_platform_device_count"
+  if count and flag not in os.environ.get("XLA_FLAGS", ""):
+    count = os.cpu_count() if count == -1 else count
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={count}".strip()
+
+
 def main(argv: list[str]) -> int:
   try:
     config, workdir = parse(argv)
+    split_cpu(config.cpu_devices)
     if _DISTRIBUTED.value or _COORDINATOR.value:
       start_distributed()
     from genflax import trainer  # Imported late: flag errors need not wait for jax.

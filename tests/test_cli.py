@@ -1,4 +1,6 @@
 """`python -m genflax.main`: bad input gives one clear line and status 2."""
+import os
+
 import pytest
 
 from tests import helpers
@@ -59,3 +61,16 @@ def test_foreign_workdir_is_refused_and_left_intact(tmp_path):
   longer = helpers.cli(SMOKE, f"--workdir={workdir}", "--config.train.num_steps=16")
   assert longer.returncode == 0, longer.stderr
   assert "resumed from step 12" in longer.stdout
+
+
+def test_cpu_devices_splits_the_host_unless_the_environment_says(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = helpers.cli(SMOKE, f"--workdir={tmp_path / 'a'}", "--config.cpu_devices=2",
+                       "--config.train.num_steps=2", env=env)
+  assert result.returncode == 0, result.stderr
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 cpu devices" in result.stdout
+  # The tests' own XLA_FLAGS (8 devices) take precedence over the config.
+  result = helpers.cli(SMOKE, f"--workdir={tmp_path / 'b'}", "--config.cpu_devices=2",
+                       "--config.train.num_steps=2")
+  assert result.returncode == 0, result.stderr
+  assert "over 8 cpu devices" in result.stdout
