@@ -3,8 +3,9 @@
     python -m genflax.main --config configs/dcgan_digits.py --workdir runs/dcgan_digits
     python -m genflax.main --config configs/dcgan_digits.py:smoke --workdir /tmp/dcgan_smoke
 
-G: noise -> dense 2x2x128 -> transposed convs to 4x4x64 and 8x8x1 (tanh);
-D: stride-2 convs 64, 128 -> dense logit. Kept small: XLA:CPU convolutions
+G: 32-d noise -> dense 2x2x64 -> transposed convs to 4x4x32 and 8x8x1 (tanh);
+D: stride-2 convs 32, 64 -> dense logit. Equal learning rates (2e-4): with
+D at 4x G's (gan_digits.py's TTUR) this D won within a few hundred steps. Kept small: XLA:CPU convolutions
 are slow (shared/DESIGN.md). Same variants as gan_digits.py (`hinge`,
 `wgan`, `r1`, `sn`, `smoke`).
 """
@@ -17,8 +18,11 @@ import gan_digits  # pylint: disable=g-import-not-at-top
 
 def get_config(arg: str = ""):
   c = gan_digits.get_config(arg)
-  c.model.update(arch="dcgan", g_hidden=(), d_hidden=(), g_channels=(128, 64),
-                 d_channels=(64, 128))
+  c.model.update(arch="dcgan", latent_dim=32, g_hidden=(), d_hidden=(), g_channels=(64, 32),
+                 d_channels=(32, 64))
+  if "wgan" not in arg:
+    c.optim_d.lr = 2e-4
+    c.optim_g.lr = 2e-4
   if "smoke" in arg:
     c.model.update(g_channels=(16, 8), d_channels=(8, 16))
   return c

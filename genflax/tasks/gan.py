@@ -288,7 +288,7 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
 # ---- Evaluation and samples
 
 def generate_images(setup: Setup, g_params, n: int, rng):
-  """n images [n, H, W, C] in [-1, 1], balanced over classes if conditional, in
+  """n images [n, H, W, C] in [-1, 1] (NumPy), balanced over classes if conditional, in
   fixed-size chunks so that every call reuses one compilation."""
   if "generate" not in setup.cache:
     setup.cache["generate"] = jax.jit(lambda p, z, y: setup.g.apply({"params": p}, z, y))
@@ -299,7 +299,9 @@ def generate_images(setup: Setup, g_params, n: int, rng):
     y = (jnp.arange(start, start + chunk) % setup.info.num_classes
          if setup.config.model.conditional else None)
     outs.append(setup.cache["generate"](g_params, z, y))
-  return jnp.concatenate(outs)[:n]
+  # To the host: the feature network's parameters live on one device, G's may
+  # be replicated over the training mesh.
+  return np.concatenate(jax.device_get(outs))[:n]
 
 
 def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:

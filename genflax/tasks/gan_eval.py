@@ -27,7 +27,7 @@ from genflax import data
 from genflax.errors import ConfigError
 
 FEATURE_WIDTH = 128
-TRAIN_STEPS = 600  # batches of 128: ~50 epochs of digits, ~1.3 of MNIST
+TRAIN_STEPS = 400  # batches of 128: ~36 epochs of digits, ~0.9 of MNIST
 CHUNK = 200        # images per jitted feature call (the last chunk is padded)
 
 
