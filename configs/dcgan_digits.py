@@ -4,8 +4,7 @@
     python -m genflax.main --config configs/dcgan_digits.py:smoke --workdir /tmp/dcgan_smoke
 
 G: 32-d noise -> dense 2x2x64 -> transposed convs to 4x4x32 and 8x8x1 (tanh);
-D: stride-2 convs 32, 64 -> dense logit. Equal learning rates (2e-4): with
-D at 4x G's (gan_digits.py's TTUR) this D won within a few hundred steps. Kept small: XLA:CPU convolutions
+D: stride-2 convs 32, 64 -> dense logit. Kept small: XLA:CPU convolutions
 are slow (shared/DESIGN.md). Same variants as gan_digits.py (`hinge`,
 `wgan`, `r1`, `sn`, `smoke`).
 """
@@ -20,9 +19,6 @@ def get_config(arg: str = ""):
   c = gan_digits.get_config(arg)
   c.model.update(arch="dcgan", latent_dim=32, g_hidden=(), d_hidden=(), g_channels=(64, 32),
                  d_channels=(32, 64))
-  if "wgan" not in arg:
-    c.optim_d.lr = 2e-4
-    c.optim_g.lr = 2e-4
   if "smoke" in arg:
     c.model.update(g_channels=(16, 8), d_channels=(8, 16))
   return c

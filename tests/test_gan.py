@@ -154,8 +154,7 @@ def test_feature_network_is_accurate_saved_and_reused(features):
 
 def test_short_dcgan_run_lowers_fid(features):
   setup, train, test = _setup("dcgan_digits", "", **{
-      "model.g_channels": (32, 16), "model.d_channels": (16, 32),
-      "optim_d.lr": 2e-4, "optim_g.lr": 2e-4})
+      "model.g_channels": (32, 16), "model.d_channels": (16, 32)})
   state = gan.init(setup, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(gan.train_step, setup), donate_argnums=0)
   batches = data.Batches(train, 64, 0)
