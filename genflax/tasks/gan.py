@@ -114,7 +114,8 @@ class Setup:
   tx_d: optax.GradientTransformation
   lr_g: optax.Schedule
   lr_d: optax.Schedule  # in D updates: n_critic per train step
-  cache: dict = dataclasses.field(default_factory=dict)  # evaluation's compiled parts
+  # Evaluation's compiled parts and reference statistics, made on first use.
+  cache: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
 
 def datasets(config, workdir: str):
