@@ -158,11 +158,13 @@ def test_short_dcgan_run_lowers_fid(features):
   state = gan.init(setup, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(gan.train_step, setup), donate_argnums=0)
   batches = data.Batches(train, 64, 0)
-  for i in range(300):
+  for i in range(500):
     state, _ = step(state, batches.get(i), jax.random.PRNGKey(i))
   scores = gan.evaluate(setup, state, test, jax.random.PRNGKey(1), False)
+  # Measured: FID 2039 at init, 810 after 500 steps (floor 12.6); the full
+  # default DCGAN reaches ~42 in 3000 (experiments/gan_digits).
   assert scores["fid_floor"] < 0.1 * scores["fid_init"]
-  assert scores["fid"] < 0.7 * scores["fid_init"]
+  assert scores["fid"] < 0.5 * scores["fid_init"]
 
 
 def test_interrupted_run_resumes_bitwise(tmp_path):
