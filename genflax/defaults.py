@@ -51,5 +51,7 @@ def optim(**overrides) -> ml_collections.ConfigDict:
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a run to seconds, for tests: a few steps, each part exercised once."""
   c.train.update(num_steps=12, log_every_steps=4, eval_every_steps=8, ckpt_every_steps=8)
-  c.optim.warmup_steps = 2
+  for key in c.keys():  # every optimizer section: `optim`, or one per network (GANs)
+    if key.startswith("optim"):
+      c[key].warmup_steps = min(c[key].warmup_steps, 2)
   return c

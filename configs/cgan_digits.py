@@ -1,0 +1,26 @@
+"""Class-conditional DCGAN on the embedded 8x8 digits: sample grids show one row per digit.
+
+    python -m genflax.main --config configs/cgan_digits.py --workdir runs/cgan_digits
+    python -m genflax.main --config configs/cgan_digits.py:smoke --workdir /tmp/cgan_smoke
+    python -m genflax.sample --workdir runs/cgan_digits --label 3 --out threes.png
+
+G gets a learned label embedding beside the noise; D is a projection
+discriminator (`model.conditioning=concat` feeds the one-hot label as extra
+input channels instead). Variants as gan_digits.py, plus `concat` and `mlp`
+(the MLP networks of gan_digits.py).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dcgan_digits  # pylint: disable=g-import-not-at-top
+import gan_digits  # pylint: disable=g-import-not-at-top
+
+
+def get_config(arg: str = ""):
+  variants = set(filter(None, arg.split(",")))
+  c = (gan_digits if "mlp" in variants else dcgan_digits).get_config(arg)
+  c.model.conditional = True
+  if "concat" in variants:
+    c.model.conditioning = "concat"
+  return c

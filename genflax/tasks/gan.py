@@ -1,0 +1,380 @@
+"""GAN family: MLP GAN, DCGAN and class-conditional GAN, with a stability toolbox.
+
+Shapes: B batch, H W C image, Z noise size, L number of classes, F width of
+D's last hidden layer.
+
+One `train_step` makes `loss.n_critic` D updates, then one G update, each
+with its own optimizer and learning rate (TTUR), then moves the EMA copy of
+G that evaluation and samples use. Losses (`loss.kind`): non-saturating
+("ns"), "hinge", Wasserstein ("wgan", with `loss.gp_weight` for WGAN-GP).
+R1 (`loss.r1_gamma`) penalises D's gradient on real images every
+`loss.r1_every` steps, scaled up by the interval (lazy R1, StyleGAN2).
+
+Spectral normalisation (`model.spectral_norm`) uses flax's `nn.SpectralNorm`,
+whose power-iteration vectors live in a mutable collection. The state
+carries that collection as `state["sn"]`: it is as much training state as
+Adam's moments, so keeping it saved makes a resumed run repeat an
+uninterrupted one bitwise, and the maths stays flax's tested code. Only D
+steps advance the power iteration; G steps and penalties read it.
+
+Pixels are uint8 levels scaled to [-1, 1], the range of G's tanh.
+Conditional models feed G's fakes the labels of the real batch, so fake
+labels follow the data's class frequencies.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from genflax import data, metrics, optim
+from genflax.errors import ConfigError
+from genflax.tasks import gan_eval
+
+ARCHS = ("mlp", "dcgan")
+LOSSES = ("ns", "hinge", "wgan")
+CONDITIONINGS = ("projection", "concat")
+
+
+# ---- Modules
+
+class Generator(nn.Module):
+  arch: str
+  hidden: tuple[int, ...]
+  channels: tuple[int, ...]  # dcgan: width at the smallest size, then per upsampling
+  image_shape: tuple[int, int, int]
+  num_classes: int           # 0: unconditional
+
+  @nn.compact
+  def __call__(self, z, y=None):
+    """z [B, Z], y [B] int labels or None -> images [B, H, W, C] in [-1, 1]."""
+    b = z.shape[0]
+    h_img, w_img, c_img = self.image_shape
+    h = z
+    if y is not None:
+      h = jnp.concatenate([z, nn.Embed(self.num_classes, z.shape[-1])(y)], -1)  # [B, 2Z]
+    for width in self.hidden:
+      h = nn.relu(nn.Dense(width)(h))
+    if self.arch == "dcgan":
+      s = 2 ** len(self.channels)  # one stride-2 transposed conv per entry
+      h = nn.relu(nn.Dense(h_img // s * w_img // s * self.channels[0])(h))
+      h = h.reshape(b, h_img // s, w_img // s, self.channels[0])
+      for ch in self.channels[1:]:
+        h = nn.relu(nn.ConvTranspose(ch, (4, 4), strides=(2, 2))(h))  # doubles H, W
+      h = nn.ConvTranspose(c_img, (4, 4), strides=(2, 2))(h)          # [B, H, W, C]
+    else:
+      h = nn.Dense(h_img * w_img * c_img)(h).reshape(b, h_img, w_img, c_img)
+    return jnp.tanh(h)
+
+
+class Discriminator(nn.Module):
+  arch: str
+  hidden: tuple[int, ...]
+  channels: tuple[int, ...]  # dcgan: one stride-2 conv per entry
+  num_classes: int           # 0: unconditional
+  conditioning: str          # projection | concat
+  spectral_norm: bool
+
+  @nn.compact
+  def __call__(self, x, y=None, update_stats: bool = False):
+    """x [B, H, W, C] in [-1, 1], y [B] int labels or None -> logits [B]."""
+    def layer(module, h):
+      if self.spectral_norm:
+        return nn.SpectralNorm(module)(h, update_stats=update_stats)
+      return module(h)
+
+    b, h_img, w_img, _ = x.shape
+    h = x
+    if y is not None and self.conditioning == "concat":  # labels as constant channels
+      planes = jax.nn.one_hot(y, self.num_classes)[:, None, None, :]
+      h = jnp.concatenate([h, jnp.broadcast_to(planes, (b, h_img, w_img, self.num_classes))], -1)
+    if self.arch == "dcgan":
+      for ch in self.channels:
+        h = nn.leaky_relu(layer(nn.Conv(ch, (4, 4), strides=2), h), 0.2)  # halves H, W
+    h = h.reshape(b, -1)
+    for width in self.hidden:
+      h = nn.leaky_relu(layer(nn.Dense(width), h), 0.2)                    # [B, F]
+    out = layer(nn.Dense(1), h)[:, 0]
+    if y is not None and self.conditioning == "projection":  # Miyato & Koyama 2018
+      out = out + jnp.sum(nn.Embed(self.num_classes, h.shape[-1])(y) * h, -1)
+    return out
+
+
+# ---- Setup and state
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  config: object
+  info: object
+  g: Generator
+  d: Discriminator
+  tx_g: optax.GradientTransformation
+  tx_d: optax.GradientTransformation
+  lr_g: optax.Schedule
+  lr_d: optax.Schedule  # in D updates: n_critic per train step
+  # Evaluation's compiled parts and reference statistics, made on first use.
+  cache: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+
+
+def datasets(config, workdir: str):
+  del workdir  # images need nothing saved with the run
+  return data.load(config.data.name, config.data.data_dir or None)
+
+
+def build(config, info) -> Setup:
+  m, loss = config.model, config.loss
+  for key, value, allowed in (("model.arch", m.arch, ARCHS), ("loss.kind", loss.kind, LOSSES),
+                              ("model.conditioning", m.conditioning, CONDITIONINGS)):
+    if value not in allowed:
+      raise ConfigError(f"{key}={value!r}: expected one of {allowed}")
+  h, w, _ = info.image_shape
+  for name, chans in (("model.g_channels", m.g_channels), ("model.d_channels", m.d_channels)):
+    if m.arch == "dcgan" and (not chans or h % 2 ** len(chans) or w % 2 ** len(chans)):
+      raise ConfigError(f"{name}={tuple(chans)}: {len(chans)} stride-2 layers need H and W "
+                        f"divisible by {2 ** len(chans)}, got {h}x{w}")
+  if m.conditional and not info.num_classes:
+    raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
+  classes = info.num_classes if m.conditional else 0
+  g = Generator(m.arch, tuple(m.g_hidden), tuple(m.g_channels), info.image_shape, classes)
+  d = Discriminator(m.arch, tuple(m.d_hidden), tuple(m.d_channels), classes,
+                    m.conditioning, m.spectral_norm)
+  steps, d_steps = config.train.num_steps, config.train.num_steps * loss.n_critic
+  return Setup(config, info, g, d,
+               optim.build(config.optim_g, steps), optim.build(config.optim_d, d_steps),
+               optim.schedule(config.optim_g, steps), optim.schedule(config.optim_d, d_steps))
+
+
+def init(setup: Setup, rng) -> dict:
+  rng_g, rng_d = jax.random.split(rng)
+  y = jnp.zeros((1,), jnp.int32) if setup.config.model.conditional else None
+  g = setup.g.init(rng_g, jnp.zeros((1, setup.config.model.latent_dim)), y)["params"]
+  d_vars = setup.d.init(rng_d, jnp.zeros((1, *setup.info.image_shape)), y)
+  state = {"params": {"g": g, "d": d_vars["params"]},
+           "opt_state": {"g": setup.tx_g.init(g), "d": setup.tx_d.init(d_vars["params"])},
+           "ema_g": jax.tree.map(jnp.copy, g),
+           "step": jnp.zeros((), jnp.int32)}  # G updates so far: the lazy R1 clock
+  if setup.config.model.spectral_norm:
+    state["sn"] = d_vars["batch_stats"]
+  return state
+
+
+def learning_rates(setup: Setup, step: int) -> dict:
+  return {"lr_g": setup.lr_g(step), "lr_d": setup.lr_d(step * setup.config.loss.n_critic)}
+
+
+# ---- Losses and penalties
+
+def d_loss(kind: str, real, fake):
+  """D's loss from logits on real and fake images, [B] each -> [B]."""
+  if kind == "ns":
+    return jax.nn.softplus(-real) + jax.nn.softplus(fake)
+  if kind == "hinge":
+    return jax.nn.relu(1.0 - real) + jax.nn.relu(1.0 + fake)
+  return fake - real
+
+
+def g_loss(kind: str, fake):
+  """G's loss from D's logits on its images [B] -> [B]."""
+  return jax.nn.softplus(-fake) if kind == "ns" else -fake
+
+
+def input_grad_norms(d_fn, x):
+  """|| dD(x_i)/dx_i ||_2 per image [B]: D scores images independently, so the
+  gradient of the summed logits gives every image's own gradient."""
+  grads = jax.grad(lambda x: jnp.sum(d_fn(x)))(x)
+  return jnp.sqrt(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, -1) + 1e-12)
+
+
+def gradient_penalty(d_fn, real, fake, rng):
+  """WGAN-GP: E (||grad D(x_hat)|| - 1)^2 on random points between real and fake."""
+  eps = jax.random.uniform(rng, (real.shape[0], 1, 1, 1))
+  x_hat = eps * real + (1.0 - eps) * fake
+  return jnp.mean((input_grad_norms(d_fn, x_hat) - 1.0) ** 2)
+
+
+def r1_penalty(d_fn, real):
+  """R1: E ||grad D(x)||^2 on real images (times gamma / 2 in the loss)."""
+  return jnp.mean(input_grad_norms(d_fn, real) ** 2)
+
+
+def apply_d(setup: Setup, params, sn, x, y, update: bool = False):
+  """D's logits [B] and its spectral-norm state after the call (advanced if `update`)."""
+  if sn is None:
+    return setup.d.apply({"params": params}, x, y), None
+  variables = {"params": params, "batch_stats": sn}
+  if not update:
+    return setup.d.apply(variables, x, y), sn
+  out, new = setup.d.apply(variables, x, y, update_stats=True, mutable=["batch_stats"])
+  return out, new["batch_stats"]
+
+
+def noise(setup: Setup, rng, n: int):
+  return jax.random.normal(rng, (n, setup.config.model.latent_dim))  # [n, Z]
+
+
+# ---- Training
+
+def inputs(setup: Setup, batch):
+  """uint8 levels -> x in [-1, 1] [B, H, W, C]; labels [B] or None."""
+  x = gan_eval.scale(batch["image"], setup.info.num_levels)
+  return x, batch["label"] if setup.config.model.conditional else None
+
+
+def d_update(setup: Setup, state: dict, carry, x, y, rng):
+  """One D step on a real batch and fresh fakes: carry (params, opt_state, sn)."""
+  loss_cfg = setup.config.loss
+  params, opt_state, sn = carry
+  rng_z, rng_gp = jax.random.split(rng)
+  fake = setup.g.apply({"params": state["params"]["g"]}, noise(setup, rng_z, x.shape[0]), y)
+  both_y = None if y is None else jnp.concatenate([y, y])
+
+  def loss_fn(p):
+    # Real and fake through D in one call: one power-iteration step per D step.
+    logits, new_sn = apply_d(setup, p, sn, jnp.concatenate([x, fake]), both_y, update=True)
+    real_logits, fake_logits = jnp.split(logits, 2)
+    loss = jnp.mean(d_loss(loss_cfg.kind, real_logits, fake_logits))
+    terms = {"d_loss": loss, "d_real": jnp.mean(real_logits), "d_fake": jnp.mean(fake_logits)}
+    d_fn = lambda images: apply_d(setup, p, sn, images, y)[0]
+    if loss_cfg.gp_weight:
+      terms["gp"] = gradient_penalty(d_fn, x, fake, rng_gp)
+      loss += loss_cfg.gp_weight * terms["gp"]
+    if loss_cfg.r1_gamma:
+      lazy = state["step"] % loss_cfg.r1_every == 0
+      terms["r1"] = jax.lax.cond(lazy, lambda: r1_penalty(d_fn, x), lambda: jnp.zeros(()))
+      loss += 0.5 * loss_cfg.r1_gamma * loss_cfg.r1_every * terms["r1"]
+    return loss, (terms, new_sn)
+
+  grads, (terms, sn) = jax.grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = setup.tx_d.update(grads, opt_state, params)
+  terms["d_grad_norm"] = optax.tree.norm(grads)
+  return (optax.apply_updates(params, updates), opt_state, sn), terms
+
+
+def train_step(setup: Setup, state: dict, batch: dict, rng):
+  loss_cfg = setup.config.loss
+  x, y = inputs(setup, batch)
+  rng_d, rng_g = jax.random.split(rng)
+
+  # D: n_critic steps on the same real batch, each with new fakes.
+  carry = (state["params"]["d"], state["opt_state"]["d"], state.get("sn"))
+  carry, d_terms = jax.lax.scan(lambda c, r: d_update(setup, state, c, x, y, r), carry,
+                                jax.random.split(rng_d, loss_cfg.n_critic))
+  d_params, d_opt, sn = carry
+
+  # G: one step against the updated D.
+  z = noise(setup, rng_g, x.shape[0])
+
+  def loss_fn(p):
+    logits, _ = apply_d(setup, d_params, sn, setup.g.apply({"params": p}, z, y), y)
+    return jnp.mean(g_loss(loss_cfg.kind, logits))
+
+  g_params = state["params"]["g"]
+  g_value, grads = jax.value_and_grad(loss_fn)(g_params)
+  updates, g_opt = setup.tx_g.update(grads, state["opt_state"]["g"], g_params)
+  g_params = optax.apply_updates(g_params, updates)
+  decay = loss_cfg.ema_decay
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_g"], g_params)
+
+  new = {"params": {"g": g_params, "d": d_params}, "opt_state": {"g": g_opt, "d": d_opt},
+         "ema_g": ema, "step": state["step"] + 1}
+  if sn is not None:
+    new["sn"] = sn
+  step_metrics = {k: v[-1] for k, v in d_terms.items()}  # the last critic step's
+  step_metrics.update(g_loss=g_value, g_grad_norm=optax.tree.norm(grads))
+  return new, step_metrics
+
+
+# ---- Evaluation and samples
+
+def generate_images(setup: Setup, g_params, n: int, rng):
+  """n images [n, H, W, C] in [-1, 1] (NumPy), balanced over classes if conditional, in
+  fixed-size chunks so that every call reuses one compilation."""
+  if "generate" not in setup.cache:
+    setup.cache["generate"] = jax.jit(lambda p, z, y: setup.g.apply({"params": p}, z, y))
+  chunk = gan_eval.CHUNK
+  outs = []
+  for start in range(0, n, chunk):
+    z = noise(setup, jax.random.fold_in(rng, start), chunk)
+    y = (jnp.arange(start, start + chunk) % setup.info.num_classes
+         if setup.config.model.conditional else None)
+    outs.append(setup.cache["generate"](g_params, z, y))
+  # To the host: the feature network's parameters live on one device, G's may
+  # be replicated over the training mesh.
+  return np.concatenate(jax.device_get(outs))[:n]
+
+
+def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
+  """FID, KID, IS and precision/recall of the EMA generator against the test split,
+  with FID's floor (train vs test images) and its value at initialisation."""
+  n = setup.config.eval.final_fid_samples if final else setup.config.eval.fid_samples
+  n = n or setup.info.num_test
+  ref = reference(setup, test, n)
+  fake, probs = ref["features"](generate_images(setup, state["ema_g"], n, rng))
+  precision, recall = gan_eval.precision_recall(ref["real"], fake)
+  return {"fid": gan_eval.fid(fake, ref["real"]), "fid_floor": ref["fid_floor"],
+          "fid_init": ref["fid_init"], "kid": gan_eval.kid(fake, ref["real"]),
+          "kid_floor": ref["kid_floor"], "is": gan_eval.inception_score(probs),
+          "is_real": ref["is_real"], "precision": precision, "recall": recall,
+          "feature_net_test_accuracy": ref["accuracy"]}
+
+
+def reference(setup: Setup, test: dict, n: int) -> dict:
+  """What a score of n generated images is compared with, computed once per n.
+
+  The floor compares n train images (at most all of them) with the test
+  split: the score of a generator as good as fresh real data. The value at
+  initialisation scores an untrained G of the same seed.
+  """
+  key = ("reference", n)
+  if key in setup.cache:
+    return setup.cache[key]
+  c, info = setup.config, setup.info
+  train, _, _ = datasets(c, "")
+  features, accuracy = gan_eval.load_or_train(c.data.data_dir or None, train, test, info)
+  real, real_probs = features(gan_eval.scale(test["image"], info.num_levels))
+  floor, _ = features(gan_eval.scale(train["image"][:n], info.num_levels))
+  untrained = init(setup, jax.random.PRNGKey(c.seed))["ema_g"]
+  at_init, _ = features(generate_images(setup, untrained, n, jax.random.PRNGKey(c.seed + 1)))
+  setup.cache[key] = {
+      "features": features, "accuracy": accuracy, "real": real,
+      "fid_floor": gan_eval.fid(floor, real), "kid_floor": gan_eval.kid(floor, real),
+      "fid_init": gan_eval.fid(at_init, real), "is_real": gan_eval.inception_score(real_probs)}
+  return setup.cache[key]
+
+
+def samples(setup: Setup, state: dict, batch: dict, rng) -> dict:
+  """EMA and raw G on one fixed noise batch: grids [rows, cols, H, W, C] in [0, 1],
+  one row per class for conditional models."""
+  del batch  # a GAN needs no test images to sample
+  cols = 8
+  rows = setup.info.num_classes if setup.config.model.conditional else 8
+  z = noise(setup, rng, rows * cols)
+  y = jnp.repeat(jnp.arange(rows), cols) if setup.config.model.conditional else None
+  grid = lambda p: ((setup.g.apply({"params": p}, z, y) + 1.0) / 2.0).reshape(
+      rows, cols, *setup.info.image_shape)
+  return {"samples": grid(state["ema_g"]), "samples_raw_g": grid(state["params"]["g"])}
+
+
+def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
+  for name, grid in grids.items():
+    writer.image_grid(step, name, grid)
+
+
+def generate(setup: Setup, state: dict, args) -> None:
+  """`genflax.sample`: args.num EMA-generator samples as one PNG grid (8 per row) at args.out."""
+  cols = 8
+  rows = max(1, -(-args.num // cols))
+  y = None
+  if setup.config.model.conditional:
+    y = (jnp.full((rows * cols,), args.label) if args.label is not None
+         else jnp.arange(rows * cols) // cols % setup.info.num_classes)
+  elif args.label is not None:
+    raise ConfigError("--label needs a conditional model (model.conditional=True)")
+  z = noise(setup, jax.random.PRNGKey(args.seed), rows * cols)
+  images = setup.g.apply({"params": state["ema_g"]}, z, y)
+  grid = np.asarray(jax.device_get((images + 1.0) / 2.0)).reshape(
+      rows, cols, *setup.info.image_shape)
+  metrics.save_png(args.out, metrics.tile(grid))
+  print(f"wrote {rows * cols} samples to {args.out}")

@@ -1,0 +1,189 @@
+"""How good are generated images: a feature network genflax trains, and FID-style scores.
+
+Shapes: N images, H W C image, F feature width (128), L number of classes.
+
+The Inception network of the usual FID knows nothing of 8x8 digits, so each
+dataset gets its own small conv classifier, trained once on the labelled
+train split with a fixed seed and saved (Orbax) under
+`<data dir>/genflax_features/<dataset>/`; every run on that dataset reuses it,
+so scores compare across runs. Its penultimate layer [N, F] is the feature
+space of FID, KID and precision/recall; its class probabilities give the
+Inception-Score-style score.
+
+The set statistics are computed on the host in float64 NumPy: FID's matrix
+square root is ill-conditioned in float32 for a few hundred samples.
+"""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+
+from genflax import data
+from genflax.errors import ConfigError
+
+FEATURE_WIDTH = 128
+TRAIN_STEPS = 400  # batches of 128: ~36 epochs of digits, ~0.9 of MNIST
+CHUNK = 200        # images per jitted feature call (the last chunk is padded)
+
+
+class Classifier(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    """x [N, H, W, C] in [-1, 1] -> features [N, F], logits [N, L]."""
+    h = nn.relu(nn.Conv(32, (3, 3))(x))
+    h = nn.relu(nn.Conv(64, (3, 3), strides=2)(h))  # halves H, W
+    h = nn.relu(nn.Conv(64, (3, 3), strides=2)(h))  # halves H, W
+    f = nn.relu(nn.Dense(FEATURE_WIDTH)(h.reshape(h.shape[0], -1)))
+    return f, nn.Dense(self.num_classes)(f)
+
+
+def scale(images, num_levels: int):
+  """uint8 levels -> [-1, 1], the range of a tanh generator."""
+  return jnp.asarray(images, jnp.float32) / (num_levels - 1) * 2.0 - 1.0
+
+
+# ---- The feature network: trained once per dataset, then loaded
+
+def feature_dir(data_dir: str | None, dataset: str) -> str:
+  root = data_dir or tfds.core.constants.get_default_data_dir()
+  return os.path.join(os.path.abspath(os.path.expanduser(root)), "genflax_features", dataset)
+
+
+def train_classifier(train, test, info, steps: int = TRAIN_STEPS):
+  """Adam on cross-entropy, seed 0: -> (params, test accuracy)."""
+  model = Classifier(info.num_classes)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)))["params"]
+  tx = optax.adam(1e-3)
+
+  @jax.jit
+  def step(params, opt_state, images, labels):
+    def loss_fn(p):
+      logits = model.apply({"params": p}, scale(images, info.num_levels))[1]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  batches = data.Batches(train, 128, seed=0)
+  for i in range(steps):
+    batch = batches.get(i)
+    params, opt_state = step(params, opt_state, batch["image"], batch["label"])
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  logits = chunked(lambda x: apply(params, x)[1], scale(test["image"], info.num_levels))
+  return params, float(np.mean(np.argmax(logits, -1) == test["label"]))
+
+
+def load_or_train(data_dir, train, test, info):
+  """-> (features(x [N, H, W, C] in [-1, 1]) -> (features [N, F], probs [N, L]) float64,
+  test accuracy)."""
+  if not info.num_classes:
+    raise ConfigError(f"dataset {info.name} has no labels: genflax's feature network "
+                      "for FID is a classifier and needs them")
+  path = feature_dir(data_dir, info.name)
+  model = Classifier(info.num_classes)
+  if os.path.exists(path):
+    abstract = jax.eval_shape(lambda: {
+        "params": model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)))["params"],
+        "test_accuracy": jnp.zeros(())})
+    saved = ocp.StandardCheckpointer().restore(path, abstract)
+  else:
+    params, acc = train_classifier(train, test, info)
+    saved = {"params": params, "test_accuracy": jnp.asarray(acc)}
+    save(path, saved)
+  apply = jax.jit(lambda p, x: _features_and_probs(model, p, x))
+  params = saved["params"]
+  return (lambda x: chunked(lambda c: apply(params, c), x)), float(saved["test_accuracy"])
+
+
+def _features_and_probs(model, params, x):
+  f, logits = model.apply({"params": params}, x)
+  return f, jax.nn.softmax(logits)
+
+
+def save(path: str, tree) -> None:
+  """Saves beside `path`, then renames: a concurrent run finds a whole checkpoint or none."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp, tree)
+  try:
+    os.rename(tmp, path)
+  except OSError:  # another process saved first; its network is the same (seed 0)
+    if not os.path.exists(path):
+      raise
+
+
+def chunked(fn, x):
+  """fn over x [N, ...] in fixed CHUNK-sized pieces (one compilation) -> float64 numpy."""
+  n = x.shape[0]
+  pad = -n % CHUNK
+  x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) if pad else x
+  outs = [jax.device_get(fn(x[i:i + CHUNK])) for i in range(0, n + pad, CHUNK)]
+  return jax.tree.map(lambda *a: np.concatenate(a).astype(np.float64)[:n], *outs)
+
+
+# ---- Set statistics (float64 NumPy)
+
+def fid(a, b) -> float:
+  """Fréchet distance of Gaussians fitted to features a [N, F] and b [M, F].
+
+  |mu_a - mu_b|^2 + tr(Sa + Sb - 2 (Sa Sb)^1/2), with tr (Sa Sb)^1/2 taken as
+  the sum of square roots of the eigenvalues of Sa^1/2 Sb Sa^1/2 (symmetric
+  PSD, so eigh is stable where a general sqrtm may return complex noise).
+  """
+  mu_a, mu_b = a.mean(0), b.mean(0)
+  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  w, v = np.linalg.eigh(cov_a)
+  root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  cross = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+  tr_root = np.sum(np.sqrt(np.clip(cross, 0, None)))
+  return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_root)
+
+
+def kid(a, b, num_subsets: int = 20, subset_size: int = 200, seed: int = 0) -> float:
+  """Kernel Inception Distance: unbiased MMD^2, kernel (x.y / F + 1)^3, mean over subsets."""
+  rng = np.random.default_rng(seed)
+  m = min(subset_size, len(a), len(b))
+  values = []
+  for _ in range(num_subsets):
+    x = a[rng.choice(len(a), m, replace=False)]
+    y = b[rng.choice(len(b), m, replace=False)]
+    k = lambda p, q: (p @ q.T / a.shape[1] + 1) ** 3
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    off = lambda km: (km.sum() - np.trace(km)) / (m * (m - 1))
+    values.append(off(kxx) + off(kyy) - 2 * kxy.mean())
+  return float(np.mean(values))
+
+
+def inception_score(probs) -> float:
+  """exp E_x KL(p(y|x) || p(y)) from class probabilities [N, L]: high when samples are
+  confidently classified and cover the classes (at most L)."""
+  p = np.clip(probs, 1e-12, 1.0)
+  marginal = p.mean(0, keepdims=True)
+  return float(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), 1))))
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+  """k-NN manifold precision and recall (Kynkäänniemi et al. 2019).
+
+  Precision: the share of fake points inside some real point's k-NN ball
+  (quality); recall: the share of real points inside some fake point's ball
+  (diversity).
+  """
+  def coverage(ref, query):
+    d_ref = _distances(ref, ref)
+    radius = np.sort(d_ref, 1)[:, k]  # column 0 is the point itself
+    return float(np.mean(np.any(_distances(query, ref) <= radius[None, :], 1)))
+  return coverage(real, fake), coverage(fake, real)
+
+
+def _distances(a, b):
+  sq = np.sum(a**2, 1)[:, None] + np.sum(b**2, 1)[None, :] - 2 * a @ b.T
+  return np.sqrt(np.clip(sq, 0, None))
