@@ -252,8 +252,8 @@ def check_finite(pending, workdir: str, saved_step: int) -> dict:
       raise NonFiniteLoss(
           f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
           f"stopped without saving it. The last good checkpoint (step {saved_step}) is in "
-          f"{os.path.join(workdir, 'checkpoints')}; lower optim.lr or raise "
-          f"optim.warmup_steps, then rerun.")
+          f"{os.path.join(workdir, 'checkpoints')}; lower the learning rate (optim*.lr) "
+          f"or lengthen its warmup, then rerun.")
   if not fetched:
     return {}
   return {k: float(np.mean([v[k] for _, v in fetched])) for k in fetched[0][1]}

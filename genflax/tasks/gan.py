@@ -286,6 +286,42 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
   return new, step_metrics
 
 
+def forward_macs(setup: Setup) -> tuple[int, int]:
+  """Multiply-adds of one image through G and through D (dense and conv layers)."""
+  m, (h, w, c) = setup.config.model, setup.info.image_shape
+  classes = setup.info.num_classes if m.conditional else 0
+  dense = lambda dims: sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+  z = m.latent_dim * (2 if classes else 1)
+  if m.arch == "dcgan":
+    s = 2 ** len(m.g_channels)
+    g = dense([z, *m.g_hidden, h // s * w // s * m.g_channels[0]])
+    size, cin = h // s * w // s, m.g_channels[0]
+    for ch in [*m.g_channels[1:], c]:  # 4x4 transposed convs: each input pixel to a patch
+      g, size, cin = g + size * 16 * cin * ch, size * 4, ch
+    d, size, cin = 0, h * w, c + (classes if m.conditioning == "concat" else 0)
+    for ch in m.d_channels:            # 4x4 stride-2 convs
+      size //= 4
+      d, cin = d + size * 16 * cin * ch, ch
+    d += dense([size * cin, *m.d_hidden, 1])
+  else:
+    g = dense([z, *m.g_hidden, h * w * c])
+    d = dense([h * w * (c + (classes if m.conditioning == "concat" else 0)), *m.d_hidden, 1])
+  return g, d
+
+
+def train_flops(setup: Setup) -> float:
+  """FLOPs per real image of one train step (backward ~ 2x forward).
+
+  Each of the n_critic D steps makes fakes (G forward) and trains D on real
+  and fake (3x D forward on two images); the G step trains through D and G
+  (3x both). Gradient penalties (R1, GP) are not counted. Conv taps over
+  SAME padding are counted, which XLA's count leaves out: on 8x8 images
+  that is most of the gap between the two (benchmarks/README.md).
+  """
+  g, d = forward_macs(setup)
+  return 2 * (setup.config.loss.n_critic * (g + 6 * d) + 3 * (g + d))
+
+
 # ---- Evaluation and samples
 
 def generate_images(setup: Setup, g_params, n: int, rng):

@@ -1,0 +1,36 @@
+"""One markdown row per hot_loop JSON: `python -m benchmarks.summarize benchmarks/results/*.json`."""
+import json
+import sys
+
+COLUMNS = [("run", "command_config"), ("devices", "devices"), ("batch", "batch_size"),
+           ("compile s", "compile_s"), ("step ms (p10-p90)", None), ("examples/s", "examples_per_s"),
+           ("GFLOP/step model / XLA", None), ("peak GFLOP/s", "peak_matmul_gflops_per_s"),
+           ("MFU", "mfu"), ("input share", "input_share_of_step"), ("host MB", "peak_host_mem_mb")]
+
+
+def row(r: dict) -> str:
+  cells = []
+  for title, key in COLUMNS:
+    if title.startswith("step ms"):
+      cells.append(f"{r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})")
+    elif title.startswith("GFLOP/step"):
+      cells.append(f"{r['model_gflops_per_step']:.3g} / {r['xla_gflops_per_step']:.3g}")
+    elif key in ("mfu", "input_share_of_step"):
+      cells.append(f"{100 * r[key]:.1f}%")
+    elif isinstance(r[key], float):
+      cells.append(f"{r[key]:.3g}")
+    else:
+      cells.append(str(r[key]))
+  return "| " + " | ".join(cells) + " |"
+
+
+def main(paths: list[str]) -> None:
+  print("| " + " | ".join(t for t, _ in COLUMNS) + " |")
+  print("|" + " --- |" * len(COLUMNS))
+  for path in paths:
+    with open(path) as f:
+      print(row(json.load(f)))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
