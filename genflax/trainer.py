@@ -93,6 +93,9 @@ def train(config, workdir: str) -> dict:
     writer.scalars(step, "final" if final else "eval", values)
     log(f"{'final eval' if final else 'eval'} step {step}  {metrics.format_values(values)}")
     samples = samples_fn(state, sharding.put_batch(sample_batch, repl), eval_rng)
+    # Every device runs a replicated program, but device_get reads one of them: wait
+    # for all, or the next step's all-reduce waits on a device still sampling.
+    jax.block_until_ready(samples)
     task.write_samples(setup, jax.device_get(samples), writer, step)
     writer.flush()
     return values
