@@ -2,7 +2,7 @@
 
 A family is a module in `genflax.tasks` (named by `config.task`) with:
 
-  datasets(config) -> (train, test, info)  {name: [N, ...]} numpy arrays, one
+  datasets(config, workdir) -> (train, test, info)  {name: [N, ...]} numpy, one
                                            row per example; info describes them
   build(config, info) -> setup            static parts (modules, optimizers) and
                                            `setup.config`
@@ -36,11 +36,24 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from genflax import checkpoints, data, metrics, sharding
-from genflax.errors import UserError
+from genflax.errors import ConfigError, UserError
 
 
 class NonFiniteLoss(UserError):
   """A loss term became NaN or infinite; nothing after the last good step is saved."""
+
+
+def load_task(name: str):
+  """The family module genflax.tasks.<name>."""
+  try:
+    return importlib.import_module(f"genflax.tasks.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"genflax.tasks.{name}":
+      raise
+    here = os.path.join(os.path.dirname(__file__), "tasks")
+    known = sorted(f[:-3] for f in os.listdir(here) if f.endswith(".py") and "_" not in f)
+    raise ConfigError(f"task={name!r}: there is no genflax/tasks/{name}.py; "
+                      f"expected one of {known}") from None
 
 
 def train(config, workdir: str) -> dict:
@@ -48,7 +61,7 @@ def train(config, workdir: str) -> dict:
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
   # ---- Task, mesh, workdir
-  task = importlib.import_module(f"genflax.tasks.{config.task}")
+  task = load_task(config.task)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(mesh, "data.batch_size", config.data.batch_size)
   sharding.check_batch_size(mesh, "eval.batch_size", config.eval.batch_size)
@@ -214,7 +227,7 @@ def load_run(workdir: str):
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1  # one device suffices
-  task = importlib.import_module(f"genflax.tasks.{config.task}")
+  task = load_task(config.task)
   _, _, info = task.datasets(config, workdir)
   setup = task.build(config, info)
   _, abstract, _ = state_layout(task, setup, sharding.make_mesh(config.mesh))

@@ -34,6 +34,8 @@ def test_flag_errors(args, expected):
 def test_bad_values_are_named(tmp_path):
   message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.model.likelihood=poisson"))
   assert "model.likelihood='poisson'" in message and "discretized_gaussian" in message
+  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.task=diffusion"))
+  assert "task='diffusion'" in message and "'vae'" in message and "'lm'" in message
   message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.mesh.data=16"))
   assert "does not fit 8 devices" in message
   message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.mesh.data=3"))
