@@ -9,7 +9,8 @@ written as JSON (`--out`):
   family (`task.train_flops`)
   beside XLA's own count; achieved FLOP/s and MFU against the float32
   matmul peak measured in the same run; the input pipeline's time per batch;
-  peak host memory; for the LM, decoding speed with the KV cache against
+  the loop's steps/s with every batch placed on the devices in advance (so
+  how much of the loop waits on input); peak host memory; for the LM, decoding speed with the KV cache against
   recomputing the context for every new token (256 tokens).
 """
 import argparse
@@ -115,6 +116,16 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
     state, _ = train_step(state, sharding.put_batch(batches.get(i), batch_sh))
   jax.block_until_ready(state)
   loop_steps_per_s = steps / (time.perf_counter() - t)
+  # The same loop with every batch already on the devices: what the loop would
+  # gain from an input pipeline that cost nothing.
+  placed = [sharding.put_batch(batches.get(i), batch_sh) for i in range(steps)]
+  jax.block_until_ready(placed)
+  t = time.perf_counter()
+  for b in placed:
+    state, _ = train_step(state, b)
+  jax.block_until_ready(state)
+  placed_steps_per_s = steps / (time.perf_counter() - t)
+  del placed
   input_times = []
   for i in range(steps):
     t = time.perf_counter()
@@ -140,6 +151,8 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
       "achieved_gflops_per_s": flops / median / 1e9, "peak_matmul_gflops_per_s": peak / 1e9,
       "mfu": flops / median / peak, "input_ms_per_batch": 1e3 * statistics.median(input_times),
       "input_share_of_step": statistics.median(input_times) / median,
+      "steps_per_s_loop_preplaced": placed_steps_per_s,
+      "loop_time_waiting_on_input": max(0.0, 1 - loop_steps_per_s / placed_steps_per_s),
       "peak_host_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "peak_device_mem_mb": device_mem.get("peak_bytes_in_use", float("nan")) / 2**20,
       "train_step_traces": traces[0],

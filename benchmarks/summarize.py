@@ -5,7 +5,8 @@ import sys
 COLUMNS = [("run", "command_config"), ("devices", "devices"), ("batch", "batch_size"),
            ("compile s", "compile_s"), ("step ms (p10-p90)", None), ("examples/s", "examples_per_s"),
            ("GFLOP/step model / XLA", None), ("peak GFLOP/s", "peak_matmul_gflops_per_s"),
-           ("MFU", "mfu"), ("input share", "input_share_of_step"), ("host MB", "peak_host_mem_mb")]
+           ("MFU", "mfu"), ("input share", "input_share_of_step"),
+           ("loop waits on input", "loop_time_waiting_on_input"), ("host MB", "peak_host_mem_mb")]
 
 
 def row(r: dict) -> str:
@@ -15,7 +16,7 @@ def row(r: dict) -> str:
       cells.append(f"{r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})")
     elif title.startswith("GFLOP/step"):
       cells.append(f"{r['model_gflops_per_step']:.3g} / {r['xla_gflops_per_step']:.3g}")
-    elif key in ("mfu", "input_share_of_step"):
+    elif key in ("mfu", "input_share_of_step", "loop_time_waiting_on_input"):
       cells.append(f"{100 * r[key]:.1f}%")
     elif isinstance(r[key], float):
       cells.append(f"{r[key]:.3g}")
