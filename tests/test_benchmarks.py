@@ -17,6 +17,7 @@ def test_hot_loop_reports_and_flops_match_xla(name, arg):
   assert results["step_ms_p10"] <= results["step_ms_median"] <= results["step_ms_p90"]
   assert 0 < results["mfu"] < 1.5  # against a peak measured in the same run
   assert 0 < results["input_share_of_step"] < 1
+  assert 0 <= results["loop_time_waiting_on_input"] < 1
   # The family's analytic count against XLA's, which also counts elementwise work.
   ratio = results["model_gflops_per_step"] / results["xla_gflops_per_step"]
   assert 0.8 < ratio < 1.25, ratio
