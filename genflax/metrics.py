@@ -44,6 +44,10 @@ class Writer:
     self._tb.add_image(name, picture, step, dataformats="HWC")
     return path
 
+  def image_grids(self, step: int, grids: dict) -> None:
+    for name, grid in grids.items():
+      self.image_grid(step, name, grid)
+
   def text(self, step: int, name: str, text: str) -> None:
     if self.enabled:
       self._tb.add_text(name, text, step)

@@ -113,10 +113,10 @@ def train(config, workdir: str) -> dict:
     writer.flush()
     return values
 
+  experiment = checkpoints.identity(json.loads(config.to_json_best_effort()))
+
   def save(step):
-    checkpoints.save(mngr, step, state, {"step": step, "data_position": step,
-                                         **checkpoints.identity(json.loads(
-                                             config.to_json_best_effort()))})
+    checkpoints.save(mngr, step, state, {"step": step, "data_position": step, **experiment})
 
   results_path = os.path.join(workdir, "results.json")
   if step >= config.train.num_steps and os.path.exists(results_path):

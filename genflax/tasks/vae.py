@@ -317,8 +317,7 @@ def samples(setup: Setup, state: dict, batch: dict, rng) -> dict:
 
 
 def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
-  for name, grid in grids.items():
-    writer.image_grid(step, name, grid)
+  writer.image_grids(step, grids)
 
 
 def generate(setup: Setup, state: dict, args) -> None:
