@@ -85,51 +85,56 @@ def percentile(values, q):
 def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
   task = importlib.import_module(f"genflax.tasks.{config.task}")
   mesh = sharding.make_mesh(config.mesh)
+  trainer.check_microbatches(config, mesh)
   train_data, _, info = task.datasets(config, "/tmp/genflax_benchmark")
   batches = data.Batches(train_data, config.data.batch_size, config.seed)
   setup = task.build(config, info)
-  batch_sh = sharding.batch_sharding(mesh)
+  feed = data.Feed(batches, sharding.batch_sharding(mesh), config.data.on_device_mb)
   init, _, state_sh = trainer.state_layout(task, setup, mesh)
   state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
-  train_step, traces = trainer.make_train_step(task, setup, state_sh, batch_sh)
-  batch = sharding.put_batch(batches.get(0), batch_sh)
+  train_step, traces = trainer.make_train_step(task, setup, state_sh, feed)
 
   t = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  compiled = train_step.lower(state, feed.inputs(0)).compile()
   compile_s = time.perf_counter() - t
   xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
 
-  for i in range(warmup):
-    state, _ = train_step(state, sharding.put_batch(batches.get(i), batch_sh))
+  # Steps run at state["step"] = 0, 1, ...: step i takes feed.inputs(i), as in training.
+  i = 0
+  for _ in range(warmup):
+    state, _ = train_step(state, feed.inputs(i))
+    i += 1
   jax.block_until_ready(state)
   step_times = []
-  for i in range(steps):
-    b = sharding.put_batch(batches.get(i), batch_sh)
-    jax.block_until_ready(b)
+  for _ in range(steps):
+    inputs = feed.inputs(i)
+    jax.block_until_ready(inputs)
     t = time.perf_counter()
-    state, _ = train_step(state, b)
+    state, _ = train_step(state, inputs)
     jax.block_until_ready(state)
     step_times.append(time.perf_counter() - t)
-  # As the trainer runs it: the host prepares batch i+1 while step i computes.
+    i += 1
+  # As the trainer runs it: the host prepares the inputs of step i+1 while step i computes.
   t = time.perf_counter()
-  for i in range(steps):
-    state, _ = train_step(state, sharding.put_batch(batches.get(i), batch_sh))
+  for _ in range(steps):
+    state, _ = train_step(state, feed.inputs(i))
+    i += 1
   jax.block_until_ready(state)
   loop_steps_per_s = steps / (time.perf_counter() - t)
-  # The same loop with every batch already on the devices: what the loop would
-  # gain from an input pipeline that cost nothing.
-  placed = [sharding.put_batch(batches.get(i), batch_sh) for i in range(steps)]
+  # The same loop with every step's inputs already on the devices: what the
+  # loop would gain from an input pipeline that cost nothing.
+  placed = [feed.inputs(j) for j in range(i, i + steps)]
   jax.block_until_ready(placed)
   t = time.perf_counter()
-  for b in placed:
-    state, _ = train_step(state, b)
+  for inputs in placed:
+    state, _ = train_step(state, inputs)
   jax.block_until_ready(state)
   placed_steps_per_s = steps / (time.perf_counter() - t)
   del placed
   input_times = []
-  for i in range(steps):
+  for j in range(steps):
     t = time.perf_counter()
-    jax.block_until_ready(sharding.put_batch(batches.get(i), batch_sh))
+    jax.block_until_ready(feed.inputs(j))
     input_times.append(time.perf_counter() - t)
 
   peak = matmul_peak(peak_sizes)
@@ -139,7 +144,8 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
   extras = decode_speed(setup, state["task"]["params"]) if config.task == "lm" else {}
   return {
       "config": config.task, "dataset": info.name, "batch_size": config.data.batch_size,
-      "devices": int(np.prod(list(mesh.shape.values()))),
+      "devices": int(np.prod(list(mesh.shape.values()))), "batches": feed.mode,
+      "microbatches": config.train.microbatches,
       "platform": jax.devices()[0].platform, "compile_s": compile_s,
       "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * percentile(step_times, 10),
       "step_ms_p90": 1e3 * percentile(step_times, 90),

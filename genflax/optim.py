@@ -10,7 +10,12 @@ Config (a ConfigDict, e.g. `config.optim`):
   weight_decay   decoupled (adamw) weight decay
   grad_clip      global-norm clipping; 0 turns it off
   b1, b2         Adam moments
+
+`grads` computes the gradient of a batch in `train.microbatches`
+sequential pieces (gradient accumulation).
 """
+import jax
+import jax.numpy as jnp
 import optax
 
 from genflax.errors import ConfigError
@@ -56,3 +61,31 @@ def build(cfg, num_steps: int, weight_decay_mask=None) -> optax.GradientTransfor
   if cfg.grad_clip:
     opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
   return opt
+
+
+def grads(loss_fn, params, batch: dict, rng, microbatches: int = 1):
+  """(grads, aux) of `loss_fn(params, batch, rng) -> (loss, aux)`, one microbatch at a time.
+
+  With microbatches M > 1 the batch [B, ...] is cut into M microbatches of
+  B/M rows that run one after another in a `lax.scan` (activations for B/M
+  rows at a time), and the gradients and `aux` (batch means, such as the
+  loss) are averaged over them: the same values as one pass over the whole
+  batch, up to float rounding, when the loss is a mean over rows and draws
+  no randomness. Microbatch m takes rows m, m + M, m + 2M, ..., so each keeps
+  the batch's split over the data-parallel devices, and its RNG is
+  `fold_in(rng, m)`. M = 1 is exactly `jax.grad(loss_fn, has_aux=True)`.
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, batch, rng)
+  split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+
+  def add(total, xs):
+    piece, m = xs
+    out = grad_fn(params, piece, jax.random.fold_in(rng, m))
+    return jax.tree.map(jnp.add, total, out), None
+
+  shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: split(x)[0], batch), rng)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(add, zeros, (jax.tree.map(split, batch), jnp.arange(microbatches)))
+  return jax.tree.map(lambda x: x / microbatches, total)

@@ -56,6 +56,18 @@ def load_task(name: str):
                       f"expected one of {known}") from None
 
 
+def check_microbatches(config, mesh) -> None:
+  """data.batch_size splits into train.microbatches pieces that each split over the mesh."""
+  b, m = config.data.batch_size, config.train.microbatches
+  if m < 1 or b % m:
+    raise ConfigError(f"train.microbatches={m} does not divide data.batch_size={b}: "
+                      f"use a divisor of {b}")
+  if m == 1:
+    sharding.check_batch_size(mesh, "data.batch_size", b)
+  else:
+    sharding.check_batch_size(mesh, f"data.batch_size / train.microbatches = {b} / {m}", b // m)
+
+
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) `config` in `workdir`; returns the final evaluation."""
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
@@ -63,7 +75,7 @@ def train(config, workdir: str) -> dict:
   # ---- Task, mesh, workdir
   task = load_task(config.task)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(mesh, "data.batch_size", config.data.batch_size)
+  check_microbatches(config, mesh)
   sharding.check_batch_size(mesh, "eval.batch_size", config.eval.batch_size)
   mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
   checkpoints.check_workdir(workdir, config, mngr.latest_step())
@@ -75,6 +87,7 @@ def train(config, workdir: str) -> dict:
   batches = data.Batches(train_data, config.data.batch_size, config.seed)
   setup = task.build(config, info)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  feed = data.Feed(batches, batch_sh, config.data.on_device_mb)
 
   # ---- State: created (or restored) straight into its shardings
   init, abstract, state_sh = state_layout(task, setup, mesh)
@@ -87,9 +100,10 @@ def train(config, workdir: str) -> dict:
     step = int(meta["step"])
     log(f"resumed from step {step} ({os.path.join(workdir, 'checkpoints')})")
   log(describe(config, info, mesh, state))
+  log(f"batches {feed}")
 
   # ---- Compiled steps
-  train_step, traces = make_train_step(task, setup, state_sh, batch_sh)
+  train_step, traces = make_train_step(task, setup, state_sh, feed)
   eval_step = jax.jit(lambda s, b, r, final: task.eval_step(setup, s["task"], b, r, final),
                       static_argnums=3)
   samples_fn = jax.jit(lambda s, b, r: task.samples(setup, s["task"], b, r))
@@ -133,9 +147,9 @@ def train(config, workdir: str) -> dict:
   try:
     while step < config.train.num_steps and not stop.signal:
       profile(step, state)
-      batch = sharding.put_batch(batches.get(step), batch_sh)
+      inputs = feed.inputs(step)
       with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = train_step(state, inputs)
       step += 1
       pending.append((step, step_metrics))
       if step == first_step:  # Time the compilation apart from the steps/s.
@@ -183,22 +197,25 @@ def train(config, workdir: str) -> dict:
   return results
 
 
-def make_train_step(task, setup, state_sh, batch_sh):
+def make_train_step(task, setup, state_sh, feed: data.Feed):
   """The family's step as the loop runs it: jitted, sharded, state donated.
 
+  train_step(state, feed.inputs(step)) -> (state, metrics): the batch comes
+  from the feed (sent by the host, or gathered on the devices).
   Returns (train_step, traces); traces[0] counts how often it was compiled.
   """
   traces = [0]
 
-  def step_fn(state, batch):
+  def step_fn(state, inputs):
     traces[0] += 1  # Python runs this only while tracing: counts compilations.
+    batch = feed.batch(inputs, state["step"])
     rng = jax.random.fold_in(state["rng"], state["step"])
     task_state, step_metrics = task.train_step(setup, state["task"], batch, rng)
     return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}, step_metrics
 
-  repl = sharding.replicated(batch_sh.mesh)
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
-                 donate_argnums=0), traces
+  repl = sharding.replicated(feed.batch_sharding.mesh)
+  return jax.jit(step_fn, in_shardings=(state_sh, feed.shardings),
+                 out_shardings=(state_sh, repl), donate_argnums=0), traces
 
 
 def state_layout(task, setup, mesh):

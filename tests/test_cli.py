@@ -40,6 +40,8 @@ def test_bad_values_are_named(tmp_path):
   assert "does not fit 8 devices" in message
   message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.mesh.data=3"))
   assert "data.batch_size=128 does not split over the mesh's 3 batch shards" in message
+  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.train.microbatches=3"))
+  assert "train.microbatches=3 does not divide data.batch_size=128" in message
 
 
 def test_dataset_not_prepared(tmp_path):

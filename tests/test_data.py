@@ -10,7 +10,9 @@ import pytest
 from sklearn import datasets as sk_datasets
 import tensorflow_datasets as tfds
 
-from genflax import data
+import jax
+
+from genflax import data, sharding
 from genflax.data import digits
 from genflax.errors import ConfigError, UserError
 
@@ -253,3 +255,22 @@ def test_batch_size_errors():
     _batches(n=103, batch_size=104)
   with pytest.raises(ConfigError, match="multiple of 3"):
     _batches(batch_size=10, process_index=0, process_count=3)
+
+
+@pytest.mark.parametrize("on_device_mb", [0, 1])
+def test_feed_gives_the_batches_of_batches_get(on_device_mb):
+  """Host-sent or gathered on 8 devices: exactly Batches.get(step), across epochs."""
+  rng = np.random.default_rng(0)
+  arrays = {"image": rng.normal(size=(50, 4, 4, 1)), "label": rng.integers(0, 10, 50)}
+  batches = data.Batches(arrays, 8, seed=3)  # 6 steps per epoch
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  feed = data.Feed(batches, sharding.batch_sharding(mesh), on_device_mb)
+  assert feed.mode == ("device" if on_device_mb else "host")
+  get = jax.jit(feed.batch, in_shardings=(feed.shardings, None))
+  for step in (0, 5, 6, 13, 5):
+    got = get(feed.inputs(step), step)
+    want = batches.get(step)
+    for key in arrays:
+      assert got[key].dtype == {"image": np.float32, "label": np.int32}[key]
+      assert got[key].sharding.is_equivalent_to(sharding.batch_sharding(mesh), got[key].ndim)
+      np.testing.assert_array_equal(np.asarray(got[key]), want[key].astype(got[key].dtype))

@@ -180,9 +180,14 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens():
   assert set(np.asarray(draws).reshape(-1).tolist()) == {0, 1}
 
 
-def test_sharding_rules_split_parameters_and_keep_the_maths():
-  """On a (data 2, fsdp 2, tensor 2) mesh: the planned layout, and the same step."""
-  mesh_cfg = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+@pytest.mark.parametrize("microbatches", [1, 4])
+def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
+  """On a (data 2, fsdp 2, tensor 2) mesh: the planned layout, and the same step.
+
+  With 4 microbatches of gradient accumulation too: the one-pass step's update.
+  """
+  mesh_cfg = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+              "train.microbatches": microbatches}
   setup, state = _setup()
   sharded_setup, _ = _setup(**mesh_cfg)
   mesh = sharded_setup.mesh

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from genflax import data, trainer
+from genflax import data, optim, trainer
 from tests import helpers
 
 
@@ -152,6 +152,15 @@ def test_sharded_over_8_devices_equals_one_device(tmp_path):
   assert runs[8]["neg_elbo"] == pytest.approx(runs[1]["neg_elbo"], rel=1e-4)
 
 
+def test_batches_gathered_on_the_devices_train_like_batches_from_the_host(tmp_path):
+  params = {}
+  for mb in (0, 256):
+    workdir = str(tmp_path / f"on_device_mb{mb}")
+    trainer.train(helpers.config("vae_digits", **{"data.on_device_mb": mb}), workdir)
+    params[mb] = _params(workdir)[1]
+  jax.tree.map(np.testing.assert_array_equal, params[0], params[256])
+
+
 CONFIGS = sorted(os.path.basename(p)[:-3]
                  for p in glob.glob(os.path.join(helpers.ROOT, "configs", "*.py")))
 
@@ -206,3 +215,23 @@ def test_two_processes_train_like_one(tmp_path):
   two_results = json.load(open(tmp_path / "two" / "results.json"))
   one_results = json.load(open(tmp_path / "one" / "results.json"))
   assert two_results["neg_elbo"] == pytest.approx(one_results["neg_elbo"], rel=1e-5)
+
+
+def test_microbatched_gradients_average_the_pieces_and_fold_their_rng():
+  """optim.grads with M microbatches: the one-pass gradient and means for a
+  row-mean loss; microbatch m draws from fold_in(rng, m) and holds rows m::M."""
+  x = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+  params = {"w": np.ones(3, np.float32)}
+
+  def loss_fn(p, batch, rng):
+    loss = jax.numpy.mean((batch["x"] @ p["w"]) ** 2)
+    return loss, {"loss": loss, "noise": jax.random.uniform(rng), "first": batch["x"][0, 0]}
+
+  rng = jax.random.PRNGKey(7)
+  want_grads, want = optim.grads(loss_fn, params, {"x": x}, rng)
+  got_grads, got = jax.jit(optim.grads, static_argnums=(0, 4))(loss_fn, params, {"x": x}, rng, 4)
+  np.testing.assert_allclose(got_grads["w"], want_grads["w"], rtol=1e-6)
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+  noise = np.mean([jax.random.uniform(jax.random.fold_in(rng, m)) for m in range(4)])
+  np.testing.assert_allclose(got["noise"], noise, rtol=1e-6)
+  np.testing.assert_allclose(got["first"], x[:4, 0].mean(), rtol=1e-6)  # rows 0, 1, 2, 3

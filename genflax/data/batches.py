@@ -48,6 +48,11 @@ class Batches:
     rows = self._permutation(epoch)[start:start + size]
     return {k: v[rows] for k, v in self.arrays.items()}
 
+  def epoch_rows(self, epoch: int) -> np.ndarray:
+    """Rows of every global batch of `epoch`: [steps_per_epoch, B]; row i is batch i's."""
+    used = self.steps_per_epoch * self.global_batch_size
+    return self._permutation(epoch)[:used].reshape(self.steps_per_epoch, -1)
+
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch != self._epoch:
       rng = np.random.default_rng([self.seed, epoch])

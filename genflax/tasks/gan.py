@@ -129,6 +129,10 @@ def build(config, info) -> Setup:
                               ("model.conditioning", m.conditioning, CONDITIONINGS)):
     if value not in allowed:
       raise ConfigError(f"{key}={value!r}: expected one of {allowed}")
+  if config.train.microbatches != 1:
+    raise ConfigError(f"train.microbatches={config.train.microbatches}: the GAN step alternates "
+                      "D and G updates on the whole batch; gradient accumulation is not "
+                      "supported, use 1")
   h, w, _ = info.image_shape
   for name, chans in (("model.g_channels", m.g_channels), ("model.d_channels", m.d_channels)):
     if m.arch == "dcgan" and (not chans or h % 2 ** len(chans) or w % 2 ** len(chans)):

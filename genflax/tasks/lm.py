@@ -148,15 +148,16 @@ def window_loss(logits, tokens):
 
 
 def train_step(setup: Setup, state: dict, batch: dict, rng):
-  tokens = batch["tokens"]  # [B, T + 1]
-
-  def loss_fn(params):
+  def loss_fn(params, batch, rng):
+    tokens = batch["tokens"]  # [B, T + 1]
     logits = apply_on_mesh(setup, params, tokens[:, :-1], train=True, rng=rng)
-    return window_loss(logits, tokens).mean()
+    loss = window_loss(logits, tokens).mean()
+    return loss, {"loss": loss}
 
-  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  grads, metrics = optim.grads(loss_fn, state["params"], batch, rng,
+                               setup.config.train.microbatches)
   updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return {"params": optax.apply_updates(state["params"], updates),
           "opt_state": opt_state}, metrics
 

@@ -241,15 +241,15 @@ def elbo_terms(setup: Setup, params, x, y, rng):
 
 
 def train_step(setup: Setup, state: dict, batch: dict, rng):
-  x, y = inputs(setup, batch)
-
-  def loss_fn(params):
+  def loss_fn(params, batch, rng):
+    x, y = inputs(setup, batch)
     rec, kl = elbo_terms(setup, params, x, y, rng)
     loss = jnp.mean(rec + setup.config.model.beta * kl)
     return loss, {"loss": loss, "rec": jnp.mean(rec), "kl": jnp.mean(kl),
                   "neg_elbo": jnp.mean(rec + kl)}
 
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"])
+  grads, metrics = optim.grads(loss_fn, state["params"], batch, rng,
+                               setup.config.train.microbatches)
   updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
   metrics["grad_norm"] = optax.tree.norm(grads)
   return {"params": optax.apply_updates(state["params"], updates),
