@@ -3,6 +3,7 @@ import json
 import sys
 
 COLUMNS = [("run", "command_config"), ("devices", "devices"), ("batch", "batch_size"),
+           ("micro-batches", "microbatches"), ("batches from", "batches"),
            ("compile s", "compile_s"), ("step ms (p10-p90)", None), ("examples/s", "examples_per_s"),
            ("GFLOP/step model / XLA", None), ("peak GFLOP/s", "peak_matmul_gflops_per_s"),
            ("MFU", "mfu"), ("input share", "input_share_of_step"),
@@ -18,10 +19,10 @@ def row(r: dict) -> str:
       cells.append(f"{r['model_gflops_per_step']:.3g} / {r['xla_gflops_per_step']:.3g}")
     elif key in ("mfu", "input_share_of_step", "loop_time_waiting_on_input"):
       cells.append(f"{100 * r[key]:.1f}%")
-    elif isinstance(r[key], float):
+    elif isinstance(r.get(key), float):
       cells.append(f"{r[key]:.3g}")
     else:
-      cells.append(str(r[key]))
+      cells.append(str(r.get(key, "-")))
   return "| " + " | ".join(cells) + " |"
 
 

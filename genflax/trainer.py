@@ -150,6 +150,13 @@ def train(config, workdir: str) -> dict:
       inputs = feed.inputs(step)
       with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
         state, step_metrics = train_step(state, inputs)
+      # At most two steps in flight: the host waits for the previous step before
+      # it queues another. A deeper queue gains nothing once the devices are
+      # busy, and with several CPU devices in one process it can starve XLA's
+      # thread pool until an all-reduce waits forever for a device that never
+      # runs (seen with 2 devices on 2 cores within a few hundred steps).
+      if pending:
+        jax.block_until_ready(pending[-1][1])
       step += 1
       pending.append((step, step_metrics))
       if step == first_step:  # Time the compilation apart from the steps/s.
