@@ -6,8 +6,10 @@ out=benchmarks/results
 mkdir -p "$out"
 run() { name=$1; shift; python -m benchmarks.hot_loop --out "$out/$name.json" "$@" > /dev/null; }
 run vae_mlp --config configs/vae_digits.py --steps 200
+run vae_mlp_hostfeed --config configs/vae_digits.py --steps 200 data.on_device_mb=0
 run vae_conv --config configs/vae_digits.py:conv --steps 100
 run gan_mlp --config configs/gan_digits.py --steps 200
+run gan_mlp_hostfeed --config configs/gan_digits.py --steps 200 data.on_device_mb=0
 run dcgan --config configs/dcgan_digits.py --steps 100
 run cgan --config configs/cgan_digits.py --steps 100
 run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 50
@@ -16,4 +18,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev \
 run lm_baby_1dev --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_baby_2dev \
     --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1 mesh.data=2
+XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_baby_2dev_1micro \
+    --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1 mesh.data=2 train.microbatches=1
 python -m benchmarks.summarize "$out"/*.json
