@@ -82,7 +82,8 @@ def percentile(values, q):
   return float(np.percentile(np.asarray(values), q))
 
 
-def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
+def build(config):
+  """The trainer's compiled step for `config`: (task, setup, info, feed, state, train_step, traces)."""
   task = importlib.import_module(f"genflax.tasks.{config.task}")
   mesh = sharding.make_mesh(config.mesh)
   trainer.check_microbatches(config, mesh)
@@ -93,6 +94,12 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
   init, _, state_sh = trainer.state_layout(task, setup, mesh)
   state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
   train_step, traces = trainer.make_train_step(task, setup, state_sh, feed)
+  return task, setup, info, feed, state, train_step, traces
+
+
+def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
+  task, setup, info, feed, state, train_step, traces = build(config)
+  mesh = feed.batch_sharding.mesh
 
   t = time.perf_counter()
   compiled = train_step.lower(state, feed.inputs(0)).compile()
@@ -147,7 +154,10 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
   median = statistics.median(step_times)
   flops = task.train_flops(setup) * config.data.batch_size
   device_mem = jax.devices()[0].memory_stats() or {}
-  extras = decode_speed(setup, state["task"]["params"]) if config.task == "lm" else {}
+  # Decoding is timed on one device: with params replicated over several CPU
+  # devices every device would run the same decode, splitting the cores.
+  extras = (decode_speed(setup, jax.device_put(state["task"]["params"], jax.devices()[0]))
+            if config.task == "lm" else {})
   return {
       "config": config.task, "dataset": info.name, "batch_size": config.data.batch_size,
       "devices": int(np.prod(list(mesh.shape.values()))), "batches": feed.mode,
@@ -178,16 +188,10 @@ def markdown(results: dict) -> str:
   return "\n".join(["| metric | value |", "| --- | --- |", *rows])
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
-  parser.add_argument("--steps", type=int, default=50)
-  parser.add_argument("--warmup", type=int, default=5)
-  parser.add_argument("--out", default=None, help="JSON file (default: print only)")
-  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-  args = parser.parse_args()
-  config = genflax_main.load_config(args.config)
-  for item in args.overrides:
+def load_config(config_file: str, overrides: list[str]):
+  """configs/X.py[:arg] with key=value overrides (values as Python literals, else strings)."""
+  config = genflax_main.load_config(config_file)
+  for item in overrides:
     key, _, value = item.partition("=")
     *path, last = key.split(".")
     node = config
@@ -197,6 +201,18 @@ def main():
       node[last] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       node[last] = value  # a plain string
+  return config
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
+  parser.add_argument("--steps", type=int, default=50)
+  parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--out", default=None, help="JSON file (default: print only)")
+  parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+  args = parser.parse_args()
+  config = load_config(args.config, args.overrides)
   results = {"command_config": args.config, **run(config, args.steps, args.warmup)}
   print(markdown(results))
   if args.out:

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from benchmarks import hot_loop
+from benchmarks import hot_loop, profile_ops
 from genflax import trainer
 from tests import helpers
 
@@ -32,3 +32,16 @@ def test_profile_steps_write_a_trace(tmp_path):
   trainer.train(helpers.config("vae_digits", **{"train.profile_steps": (2, 4)}), str(tmp_path))
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
   assert any(f.endswith(".xplane.pb") for f in traces), traces
+
+
+def test_profile_ops_splits_the_step_into_phases_and_kinds():
+  config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 2})
+  result = profile_ops.profile(config, steps=2, warmup=1)
+  by_class = result["by_class"]
+  for phase in ("forward", "backward"):
+    assert by_class[(phase, "dot/conv")] > 0
+  # Data-parallel over 2 devices: the gradients' all-reduce is in the backward pass.
+  assert by_class[("backward", "collective")] > 0
+  assert sum(by_class.values()) == pytest.approx(result["ms_per_step"])
+  assert any("blockN/mlp_in/dot_general" in where for _, where in result["by_op"])
+  assert "| backward | dot/conv |" in profile_ops.report(result)
