@@ -145,7 +145,10 @@ def train(config, workdir: str) -> dict:
   last_log_time, last_log_step, saved_step = time.time(), step, step
   first_step = step + 1
   try:
-    while step < config.train.num_steps and not stop.signal:
+    # With several processes, they agree on stopping at log steps (the same
+    # steps everywhere), so all save the same step's checkpoint.
+    while step < config.train.num_steps and not stop.agreed(
+        sync=step % config.train.log_every_steps == 0):
       profile(step, state)
       inputs = feed.inputs(step)
       with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
@@ -191,7 +194,7 @@ def train(config, workdir: str) -> dict:
   if traces[0] > 1:
     log(f"warning: the train step was compiled {traces[0]} times (expected once)")
   if step < config.train.num_steps:
-    log(f"stopped by {stop.signal} at step {step}; checkpoint saved. "
+    log(f"stopped by {stop.reason} at step {step}; checkpoint saved. "
         f"Run the same command to resume.")
     writer.close()
     return {"interrupted_at": step, "train_step_traces": traces[0]}
@@ -318,11 +321,32 @@ class Profiler:
 
 
 class StopRequest:
-  """Turns SIGTERM and Ctrl-C into a request to checkpoint and stop cleanly."""
+  """Turns SIGTERM and Ctrl-C into a request to checkpoint and stop cleanly.
+
+  One process stops at the next step. Several processes must stop at the
+  same step (saving a checkpoint is collective), and a preemption may reach
+  only some of them, or reach them steps apart: they exchange what they
+  received at steps where `agreed(sync=True)` is called on every process,
+  and all stop there if any process was signalled.
+  """
 
   def __init__(self):
-    self.signal = None
+    self.signal = None   # the name of the signal this process received
+    self.reason = None   # why the run stops, once agreed
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def agreed(self, sync: bool) -> bool:
+    """Whether to stop now: at once with one process, else only at a sync."""
+    if jax.process_count() == 1:
+      self.reason = self.signal
+    elif sync:
+      received = multihost_utils.process_allgather(
+          np.int32(signal.Signals[self.signal].value if self.signal else 0))
+      senders = np.flatnonzero(received)
+      if len(senders):
+        first = int(senders[0])
+        self.reason = f"{signal.Signals(int(received[first])).name} (process {first})"
+    return self.reason is not None
 
   def close(self):
     """Gives the signals back to whoever handled them before."""

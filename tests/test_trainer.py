@@ -192,20 +192,39 @@ def test_sample_cli_writes_a_grid_from_the_latest_checkpoint(smoke_run, tmp_path
 
 
 def test_two_processes_train_like_one(tmp_path):
-  """jax.distributed over two local processes (2 CPU devices each) vs one process with 4."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  """jax.distributed over two local processes (2 CPU devices each) vs one process with 4.
+
+  SIGTERM reaches process 1 only: both stop at the same step and save its
+  checkpoint; run again, they finish like the uninterrupted single process.
+  """
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  args = ["--config=configs/vae_digits.py:smoke", "--config.train.eval_every_steps=1000"]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "genflax.main", *args, f"--workdir={tmp_path / 'two'}",
-       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
+  args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=400",
+          "--config.train.eval_every_steps=1000", "--config.train.ckpt_every_steps=1000"]
+
+  def launch():
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    return [subprocess.Popen(
+        [sys.executable, "-m", "genflax.main", *args, f"--workdir={tmp_path / 'two'}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+
+  procs = launch()
+  first = _read_until(procs[0], "train step compiled")
+  procs[1].send_signal(signal.SIGTERM)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
-  assert "4 cpu devices, 2 process(es)" in outs[0]
+  assert "4 cpu devices, 2 process(es)" in "".join(first)
+  stopped = int(outs[0].split("stopped by SIGTERM (process 1) at step ")[1].split(";")[0])
+  assert 0 < stopped < 400 and stopped % 4 == 0  # a log step, where the processes agree
+  assert _params(str(tmp_path / "two"))[0] == stopped
+
+  procs = launch()
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert f"resumed from step {stopped}" in outs[0]
   assert "final eval" in outs[0] and "final eval" not in outs[1]  # process 0 reports
   one = helpers.cli(*args, f"--workdir={tmp_path / 'one'}",
                     env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
