@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from genflax.errors import ConfigError
+
 
 class Writer:
   """One run's outputs in `workdir`: `metrics.jsonl`, TensorBoard events, images/."""
@@ -81,6 +83,33 @@ def save_png(path: str, picture: np.ndarray, min_size: int = 256) -> None:
   if pixels.shape[-1] == 1:
     pixels = pixels[..., 0]
   Image.fromarray(pixels).save(path)
+
+
+def sample_grid(num: int, label, num_classes: int | None):
+  """The layout of `genflax.sample`'s PNG: (rows, cols, labels).
+
+  At least `num` images, 8 per row. For a conditional model (num_classes
+  given) labels [rows * cols] are `label` everywhere, or row r's class r
+  mod num_classes; otherwise None, and a label is an error.
+  """
+  cols = 8
+  rows = max(1, -(-num // cols))
+  if num_classes is None:
+    if label is not None:
+      raise ConfigError("--label needs a conditional model (model.conditional=True)")
+    return rows, cols, None
+  if label is not None and not 0 <= label < num_classes:
+    raise ConfigError(f"--label={label}: the model's classes are 0 to {num_classes - 1}")
+  labels = (np.full(rows * cols, label) if label is not None
+            else np.arange(rows * cols) // cols % num_classes)
+  return rows, cols, labels
+
+
+def save_sample_grid(path: str, images, rows: int, cols: int) -> None:
+  """images [rows * cols, H, W, C] in [0, 1] -> one PNG grid at path."""
+  images = np.asarray(jax.device_get(images))
+  save_png(path, tile(images.reshape(rows, cols, *images.shape[1:])))
+  print(f"wrote {rows * cols} samples to {path}")
 
 
 def format_duration(seconds: float) -> str:

@@ -12,7 +12,8 @@ Config (a ConfigDict, e.g. `config.optim`):
   b1, b2         Adam moments
 
 `grads` computes the gradient of a batch in `train.microbatches`
-sequential pieces (gradient accumulation).
+sequential pieces (gradient accumulation); `update` takes one optimizer step
+with it.
 """
 import jax
 import jax.numpy as jnp
@@ -89,3 +90,16 @@ def grads(loss_fn, params, batch: dict, rng, microbatches: int = 1):
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   total, _ = jax.lax.scan(add, zeros, (jax.tree.map(split, batch), jnp.arange(microbatches)))
   return jax.tree.map(lambda x: x / microbatches, total)
+
+
+def update(tx: optax.GradientTransformation, state: dict, loss_fn, batch: dict, rng,
+           microbatches: int = 1):
+  """One step of `tx` on state {"params", "opt_state"} down the gradient of `loss_fn`.
+
+  loss_fn(params, batch, rng) -> (loss, metrics), as for `grads`. Returns the
+  new state and the metrics, with the gradient's global norm as `grad_norm`.
+  """
+  grads_, metrics = grads(loss_fn, state["params"], batch, rng, microbatches)
+  updates, opt_state = tx.update(grads_, state["opt_state"], state["params"])
+  metrics["grad_norm"] = optax.tree.norm(grads_)
+  return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics

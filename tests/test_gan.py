@@ -210,6 +210,9 @@ def test_conditional_run_samples_one_class_from_the_cli(tmp_path):
                        module="genflax.sample")
   assert result.returncode == 0, result.stderr
   assert np.asarray(Image.open(out)).std() > 0
+  result = helpers.cli("--workdir", workdir, "--label", "10", "--out", str(out),
+                       module="genflax.sample")
+  assert result.returncode == 2 and "--label=10: the model's classes are 0 to 9" in result.stderr
 
 
 def test_sharded_over_8_devices_equals_one_device(tmp_path):

@@ -403,17 +403,8 @@ def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
 
 def generate(setup: Setup, state: dict, args) -> None:
   """`genflax.sample`: args.num EMA-generator samples as one PNG grid (8 per row) at args.out."""
-  cols = 8
-  rows = max(1, -(-args.num // cols))
-  y = None
-  if setup.config.model.conditional:
-    y = (jnp.full((rows * cols,), args.label) if args.label is not None
-         else jnp.arange(rows * cols) // cols % setup.info.num_classes)
-  elif args.label is not None:
-    raise ConfigError("--label needs a conditional model (model.conditional=True)")
+  rows, cols, y = metrics.sample_grid(
+      args.num, args.label, setup.info.num_classes if setup.config.model.conditional else None)
   z = noise(setup, jax.random.PRNGKey(args.seed), rows * cols)
   images = setup.g.apply({"params": state["ema_g"]}, z, y)
-  grid = np.asarray(jax.device_get((images + 1.0) / 2.0)).reshape(
-      rows, cols, *setup.info.image_shape)
-  metrics.save_png(args.out, metrics.tile(grid))
-  print(f"wrote {rows * cols} samples to {args.out}")
+  metrics.save_sample_grid(args.out, (images + 1.0) / 2.0, rows, cols)

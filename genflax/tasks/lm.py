@@ -154,12 +154,7 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
     loss = window_loss(logits, tokens).mean()
     return loss, {"loss": loss}
 
-  grads, metrics = optim.grads(loss_fn, state["params"], batch, rng,
-                               setup.config.train.microbatches)
-  updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  return {"params": optax.apply_updates(state["params"], updates),
-          "opt_state": opt_state}, metrics
+  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train.microbatches)
 
 
 def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:

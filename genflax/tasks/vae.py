@@ -248,12 +248,7 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
     return loss, {"loss": loss, "rec": jnp.mean(rec), "kl": jnp.mean(kl),
                   "neg_elbo": jnp.mean(rec + kl)}
 
-  grads, metrics = optim.grads(loss_fn, state["params"], batch, rng,
-                               setup.config.train.microbatches)
-  updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  return {"params": optax.apply_updates(state["params"], updates),
-          "opt_state": opt_state}, metrics
+  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train.microbatches)
 
 
 def iwae_bound(setup: Setup, params, x, y, rng, k: int):
@@ -322,16 +317,10 @@ def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
 
 def generate(setup: Setup, state: dict, args) -> None:
   """`genflax.sample`: args.num prior samples as one PNG grid (8 per row) at args.out."""
-  cols = 8
-  rows = max(1, -(-args.num // cols))
-  if setup.config.model.conditional:
-    labels = (jnp.full((rows * cols,), args.label) if args.label is not None
-              else jnp.arange(rows * cols) // cols % setup.info.num_classes)
-  elif args.label is not None:
-    raise ConfigError("--label needs a conditional model (model.conditional=True)")
-  y = one_hot(setup, labels) if setup.config.model.conditional else None
+  conditional = setup.config.model.conditional
+  rows, cols, labels = metrics.sample_grid(args.num, args.label,
+                                           setup.info.num_classes if conditional else None)
+  y = one_hot(setup, labels) if conditional else None
   z = jax.random.normal(jax.random.PRNGKey(args.seed), (rows * cols, setup.config.model.latent_dim))
   out = setup.model.apply({"params": state["params"]}, z, y, method=VAE.decode)
-  grid = jax.device_get(mean_image(setup, out)).reshape(rows, cols, *setup.info.image_shape)
-  metrics.save_png(args.out, metrics.tile(grid))
-  print(f"wrote {rows * cols} samples to {args.out}")
+  metrics.save_sample_grid(args.out, mean_image(setup, out), rows, cols)
