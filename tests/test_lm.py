@@ -123,9 +123,10 @@ def test_every_parameter_has_logical_axis_names():
   assert not any(m for k, m in flat.items() if "embed" in k or "norm" in k or "bias" in k)
 
 
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
-def test_kv_cache_gives_the_logits_of_full_recomputation(positions):
-  setup, state = _setup(**{"model.positions": positions})
+@pytest.mark.parametrize("positions,attention", [("learned", "einsum"), ("rotary", "einsum"),
+                                                ("learned", "dot_product_attention")])
+def test_kv_cache_gives_the_logits_of_full_recomputation(positions, attention):
+  setup, state = _setup(**{"model.positions": positions, "model.attention": attention})
   model, params = setup.model, {"params": state["params"]}
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, model.vocab_size)
   full, _ = model.apply(params, tokens)  # [2, 16, V]
@@ -138,6 +139,14 @@ def test_kv_cache_gives_the_logits_of_full_recomputation(positions):
     got.append(logits)
   np.testing.assert_allclose(jnp.concatenate(got, 1), full, atol=2e-5, rtol=1e-5)
   assert decode._cache_size() == 1  # one compilation for every position
+
+
+def test_written_out_attention_equals_jax_dot_product_attention():
+  q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 3, 8))
+  causal = jnp.tril(jnp.ones((7, 7), bool))
+  np.testing.assert_allclose(transformer.attention(q, k, v, causal),
+                             jax.nn.dot_product_attention(q, k, v, is_causal=True),
+                             atol=1e-6, rtol=1e-5)
 
 
 def test_changing_a_future_token_leaves_earlier_logits_alone():

@@ -5,7 +5,8 @@ width, H heads, K width per head, F MLP width, V vocabulary.
 
 Pre-norm blocks (LayerNorm or RMSNorm), learned or rotary positions, GELU
 MLP, optional tied input/output embeddings and dropout; the attention
-projections have no biases. Every parameter and activation
+projections have no biases; attention written out or through
+`jax.nn.dot_product_attention`. Every parameter and activation
 names its logical axes (batch, length, embed, heads, kv, mlp, vocab);
 `config.sharding_rules` maps them onto the mesh.
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
+ATTENTIONS = ("einsum", "dot_product_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,22 @@ def norm(kind: str, name: str):
   return nn.LayerNorm(scale_init=scale, bias_init=bias, name=name)
 
 
+def attention(q, k, v, mask, impl: str = "einsum"):
+  """Softmax attention: q [B, T, H, K], k and v [B, S, H, K], mask bool [T, S]
+  (True where query t may see key s) -> [B, T, H, K].
+
+  "einsum" writes the maths out (scores, mask, softmax, weighted sum); on
+  XLA:CPU it ran the nano and baby train steps 5-9% faster than
+  "dot_product_attention", `jax.nn.dot_product_attention`, which is the one
+  that can dispatch to fused GPU kernels.
+  """
+  if impl == "dot_product_attention":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
+  scores = jnp.einsum("bthk,bshk->bhts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+  scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+  return jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(scores, axis=-1), v)
+
+
 def rotary(x, positions):
   """Rotates pairs of x [B, T, H, K] by angles position / 10000^(2i/K)."""
   k = x.shape[-1]
@@ -73,6 +91,7 @@ class Attention(nn.Module):
   num_heads: int
   rotary: bool
   dropout: float
+  impl: str = "einsum"
 
   @nn.compact
   def __call__(self, x, positions, cache, index, train):
@@ -87,14 +106,14 @@ class Attention(nn.Module):
     names = ("batch", "length", "heads", "kv")
     q, k, v = (nn.with_logical_constraint(a, names) for a in (q, k, v))
     if cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      mask = jnp.tril(jnp.ones((t, t), bool))                       # [T, T]: causal
     else:
       k = jax.lax.dynamic_update_slice(cache["k"], k, (0, index, 0, 0))  # [B, S, H, K]
       v = jax.lax.dynamic_update_slice(cache["v"], v, (0, index, 0, 0))
       cache = {"k": k, "v": v}
       # Query at position index + i sees keys up to it; later slots are empty.
       mask = jnp.arange(k.shape[1])[None, :] <= positions[:, None]  # [T, S]
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask[None, None])
+    out = attention(q, k, v, mask, self.impl)
     out = nn.with_logical_constraint(out, names)
     w_out = self.param("out", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("heads", "kv", "embed")), (h, d // h, d))
@@ -107,11 +126,12 @@ class Block(nn.Module):
   rotary: bool
   norm: str
   dropout: float
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x, positions, cache, index, train):
     d = x.shape[-1]
-    h, cache = Attention(self.num_heads, self.rotary, self.dropout, name="attn")(
+    h, cache = Attention(self.num_heads, self.rotary, self.dropout, self.attention, name="attn")(
         norm(self.norm, "norm1")(x), positions, cache, index, train)
     x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
     h = dense(4 * d, ("embed", "mlp"), "mlp_in")(norm(self.norm, "norm2")(x))  # [B, T, F]
@@ -127,6 +147,7 @@ class Transformer(nn.Module):
   norm: str = "layernorm"
   tie_embeddings: bool = True
   dropout: float = 0.0
+  attention: str = "einsum"   # see `attention`
 
   @nn.compact
   def __call__(self, tokens, cache=None, index=0, train=False):
@@ -146,7 +167,7 @@ class Transformer(nn.Module):
     new_cache = []
     for i in range(v.num_layers):
       x, layer_cache = Block(v.num_heads, self.positions == "rotary", self.norm, self.dropout,
-                             name=f"block{i}")(x, positions, None if cache is None else cache[i], index, train)
+                             self.attention, name=f"block{i}")(x, positions, None if cache is None else cache[i], index, train)
       new_cache.append(layer_cache)
     x = norm(self.norm, "norm_out")(x)
     if self.tie_embeddings:

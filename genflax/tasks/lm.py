@@ -105,8 +105,10 @@ def build(config, info: TextInfo) -> Setup:
     raise ConfigError(f"model.positions={m.positions!r}: expected one of {transformer.POSITIONS}")
   if m.norm not in transformer.NORMS:
     raise ConfigError(f"model.norm={m.norm!r}: expected one of {transformer.NORMS}")
+  if m.attention not in transformer.ATTENTIONS:
+    raise ConfigError(f"model.attention={m.attention!r}: expected one of {transformer.ATTENTIONS}")
   model = Transformer(info.tokenizer.vocab_size, variant(config), m.positions, m.norm,
-                      m.tie_embeddings, m.dropout)
+                      m.tie_embeddings, m.dropout, m.attention)
   steps = config.train.num_steps
   return Setup(config, info, model, optim.build(config.optim, steps, decay_mask),
                optim.schedule(config.optim, steps), sharding.make_mesh(config.mesh))
