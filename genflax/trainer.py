@@ -62,10 +62,8 @@ def check_microbatches(config, mesh) -> None:
   if m < 1 or b % m:
     raise ConfigError(f"train.microbatches={m} does not divide data.batch_size={b}: "
                       f"use a divisor of {b}")
-  if m == 1:
-    sharding.check_batch_size(mesh, "data.batch_size", b)
-  else:
-    sharding.check_batch_size(mesh, f"data.batch_size / train.microbatches = {b} / {m}", b // m)
+  key = "data.batch_size" if m == 1 else f"data.batch_size / train.microbatches = {b} / {m}"
+  sharding.check_batch_size(mesh, key, b // m)
 
 
 def train(config, workdir: str) -> dict:
@@ -331,17 +329,16 @@ class StopRequest:
   """
 
   def __init__(self):
-    self.signal = None   # the name of the signal this process received
+    self.signal = None   # the signal this process received (a signal.Signals)
     self.reason = None   # why the run stops, once agreed
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
   def agreed(self, sync: bool) -> bool:
     """Whether to stop now: at once with one process, else only at a sync."""
     if jax.process_count() == 1:
-      self.reason = self.signal
+      self.reason = self.signal and self.signal.name
     elif sync:
-      received = multihost_utils.process_allgather(
-          np.int32(signal.Signals[self.signal].value if self.signal else 0))
+      received = multihost_utils.process_allgather(np.int32(self.signal or 0))
       senders = np.flatnonzero(received)
       if len(senders):
         first = int(senders[0])
@@ -354,7 +351,7 @@ class StopRequest:
       signal.signal(sig, handler)
 
   def _handle(self, signum, frame):
-    self.signal = signal.Signals(signum).name
+    self.signal = signal.Signals(signum)
     # A second Ctrl-C kills at once, as usual.
     signal.signal(signum, signal.SIG_DFL)
 

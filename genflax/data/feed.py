@@ -40,7 +40,6 @@ class Feed:
     repl = NamedSharding(batch_sharding.mesh, P())
     nbytes = sum(v.nbytes for v in batches.arrays.values())
     self.on_device = nbytes <= on_device_mb * 2**20
-    self.mode = "device" if self.on_device else "host"
     self.megabytes = nbytes / 2**20
     if self.on_device:
       self._arrays = {k: jax.make_array_from_process_local_data(repl, _canonical(v))
@@ -49,6 +48,10 @@ class Feed:
     else:
       self.shardings = batch_sharding
     self._epoch, self._rows = None, None
+
+  @property
+  def mode(self) -> str:
+    return "device" if self.on_device else "host"
 
   def __str__(self):
     if self.on_device:
