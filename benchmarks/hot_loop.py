@@ -12,6 +12,11 @@ written as JSON (`--out`):
   the loop's steps/s with every batch placed on the devices in advance (so
   how much of the loop waits on input); peak host memory; for the LM, decoding speed with the KV cache against
   recomputing the context for every new token (256 tokens).
+
+Several processes (`--coordinator_address host:port --num_processes N
+--process_id i`, one command each, as for `genflax.main`) time the step
+across them through jax.distributed; process 0 measures the peak while the
+others wait, and reports. Decoding is timed only in one-process runs.
 """
 import argparse
 import ast
@@ -25,6 +30,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax.experimental import multihost_utils
 
 from genflax import data, main as genflax_main, sharding, trainer
 
@@ -88,7 +95,7 @@ def build(config):
   """The trainer's compiled step for `config`: (task, setup, info, feed, state, train_step, traces)."""
   task = importlib.import_module(f"genflax.tasks.{config.task}")
   mesh = sharding.make_mesh(config.mesh)
-  trainer.check_microbatches(config, mesh)
+  trainer.check_step(config, mesh)
   train_data, _, info = task.datasets(config, "/tmp/genflax_benchmark")
   batches = data.Batches(train_data, config.data.batch_size, config.seed)
   setup = task.build(config, info)
@@ -154,18 +161,22 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
     jax.block_until_ready(feed.inputs(j))
     input_times.append(time.perf_counter() - t)
 
-  peak = matmul_peak(peak_sizes)
+  # One process measures the machine's peak while the others wait.
+  multihost_utils.sync_global_devices("peak")
+  peak = matmul_peak(peak_sizes) if jax.process_index() == 0 else float("nan")
+  multihost_utils.sync_global_devices("peak done")
   median = statistics.median(step_times)
   flops = task.train_flops(setup) * config.data.batch_size
-  device_mem = jax.devices()[0].memory_stats() or {}
+  device_mem = jax.local_devices()[0].memory_stats() or {}
   # Decoding is timed on one device: with params replicated over several CPU
   # devices every device would run the same decode, splitting the cores.
   extras = (decode_speed(setup, jax.device_put(state["task"]["params"], jax.devices()[0]))
-            if config.task == "lm" else {})
+            if config.task == "lm" and jax.process_count() == 1 else {})
   return {
       "config": config.task, "dataset": info.name, "batch_size": config.data.batch_size,
-      "devices": int(np.prod(list(mesh.shape.values()))), "batches": feed.mode,
-      "microbatches": config.train.microbatches,
+      "devices": int(np.prod(list(mesh.shape.values()))), "processes": jax.process_count(),
+      "batches": feed.mode,
+      "microbatches": config.train.microbatches, "grad_allreduce": config.train.grad_allreduce,
       "platform": jax.devices()[0].platform, "compile_s": compile_s,
       "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * percentile(step_times, 10),
       "step_ms_p90": 1e3 * percentile(step_times, 90),
@@ -214,10 +225,17 @@ def main():
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--out", default=None, help="JSON file (default: print only)")
+  parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args()
+  if args.coordinator_address:
+    genflax_main.start_distributed(args.coordinator_address, args.num_processes, args.process_id)
   config = load_config(args.config, args.overrides)
   results = {"command_config": args.config, **run(config, args.steps, args.warmup)}
+  if jax.process_index() > 0:
+    return
   print(markdown(results))
   if args.out:
     with open(args.out, "w") as f:

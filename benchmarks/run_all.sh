@@ -5,6 +5,16 @@ cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 run() { name=$1; shift; python -m benchmarks.hot_loop --out "$out/$name.json" "$@" > /dev/null; }
+# Two local processes with one CPU device each, through jax.distributed (gloo).
+run2() {
+  name=$1; shift
+  port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  for i in 1 0; do
+    python -m benchmarks.hot_loop --coordinator_address "127.0.0.1:$port" --num_processes 2 \
+        --process_id $i --out "$out/$name.json" "$@" > /dev/null &
+  done
+  wait
+}
 run vae_mlp --config configs/vae_digits.py --steps 200
 run vae_mlp_hostfeed --config configs/vae_digits.py --steps 200 data.on_device_mb=0
 run vae_conv --config configs/vae_digits.py:conv --steps 100
@@ -15,6 +25,11 @@ run cgan --config configs/cgan_digits.py --steps 100
 run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 50
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev \
     --config configs/lm_shakespeare.py:nano --steps 50 mesh.data=2
+XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev_per_param \
+    --config configs/lm_shakespeare.py:nano --steps 50 mesh.data=2 train.grad_allreduce=per_param
+run2 lm_nano_2proc --config configs/lm_shakespeare.py:nano --steps 50 mesh.data=2
+run2 lm_nano_2proc_per_param --config configs/lm_shakespeare.py:nano --steps 20 mesh.data=2 \
+    train.grad_allreduce=per_param
 run lm_baby_1dev --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_baby_2dev \
     --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1 mesh.data=2

@@ -44,6 +44,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # On CPU, one device per core runs the batch data-parallel: at nano size
   # the single default device leaves the second core idle (benchmarks/README.md).
   c.cpu_devices = -1
+  # Their gradients are averaged in one all-reduce of one buffer: between CPU
+  # devices each buffer of an all-reduce costs tens of microseconds (about
+  # half a millisecond between processes). fsdp/tensor meshes need per_param.
+  c.train.grad_allreduce = "flat"
   # Batches over data (and fsdp); fsdp shards parameters' embed axis, tensor
   # the heads, MLP and vocabulary. A mesh axis serves one logical axis per array.
   c.sharding_rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),

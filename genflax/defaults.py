@@ -30,6 +30,12 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
       # microbatches whose gradients are averaged before the one update (less
       # activation memory; on CPU the smaller working set also runs faster).
       microbatches=1,
+      # How gradients are averaged over data-parallel devices: per_param (the
+      # all-reduces XLA inserts, one buffer per parameter; randomness drawn
+      # for the whole batch, the same on any mesh) or flat (one all-reduce of
+      # all gradients as one buffer, each device drawing its own randomness;
+      # faster between CPU devices and processes: benchmarks/README.md).
+      grad_allreduce="per_param",
       profile_steps=(0, 0),      # (start, stop): trace these steps into workdir/profile
   ))
   c.eval = ml_collections.ConfigDict(dict(

@@ -87,14 +87,13 @@ def flat_keys(config, prefix: str = "") -> list[str]:
   return keys
 
 
-def start_distributed() -> None:
-  """Connects this process to the others (all run the same command)."""
+def start_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
+  """Connects this process to the others (all run the same command); None: auto-detect."""
   import jax  # pylint: disable=g-import-not-at-top
   # CPU devices of different processes talk through gloo; accelerators ignore this.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value,
-                             process_id=_PROCESS_ID.value)
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
 
 
 def split_cpu(count: int) -> None:
@@ -110,7 +109,7 @@ def main(argv: list[str]) -> int:
     config, workdir = parse(argv)
     split_cpu(config.cpu_devices)
     if _DISTRIBUTED.value or _COORDINATOR.value:
-      start_distributed()
+      start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from genflax import trainer  # Imported late: flag errors need not wait for jax.
     trainer.train(config, workdir)
   except UserError as e:

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from genflax import checkpoints, data, metrics, sharding
+from genflax import checkpoints, data, metrics, optim, sharding
 from genflax.errors import ConfigError, UserError
 
 
@@ -56,8 +56,10 @@ def load_task(name: str):
                       f"expected one of {known}") from None
 
 
-def check_microbatches(config, mesh) -> None:
-  """data.batch_size splits into train.microbatches pieces that each split over the mesh."""
+def check_step(config, mesh) -> None:
+  """The step's settings fit the mesh: data.batch_size splits into
+  train.microbatches pieces that each split over it; train.grad_allreduce."""
+  optim.check_grad_allreduce(config.train, mesh)
   b, m = config.data.batch_size, config.train.microbatches
   if m < 1 or b % m:
     raise ConfigError(f"train.microbatches={m} does not divide data.batch_size={b}: "
@@ -73,7 +75,7 @@ def train(config, workdir: str) -> dict:
   # ---- Task, mesh, workdir
   task = load_task(config.task)
   mesh = sharding.make_mesh(config.mesh)
-  check_microbatches(config, mesh)
+  check_step(config, mesh)
   sharding.check_batch_size(mesh, "eval.batch_size", config.eval.batch_size)
   mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
   checkpoints.check_workdir(workdir, config, mngr.latest_step())

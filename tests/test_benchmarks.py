@@ -40,8 +40,11 @@ def test_profile_ops_splits_the_step_into_phases_and_kinds():
   by_class = result["by_class"]
   for phase in ("forward", "backward"):
     assert by_class[(phase, "dot/conv")] > 0
-  # Data-parallel over 2 devices: the gradients' all-reduce is in the backward pass.
+  # Data-parallel over 2 devices: the gradients' all-reduce is in the backward pass,
+  # one buffer (train.grad_allreduce=flat).
   assert by_class[("backward", "collective")] > 0
+  assert [where for kind, where in result["by_op"] if kind == "all-reduce"] == [
+      "shard_map/grad_allreduce/psum"]
   assert sum(by_class.values()) == pytest.approx(result["ms_per_step"])
   assert any("blockN/mlp_in/dot_general" in where for _, where in result["by_op"])
   assert "| backward | dot/conv |" in profile_ops.report(result)

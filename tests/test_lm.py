@@ -196,7 +196,7 @@ def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
   With 4 microbatches of gradient accumulation too: the one-pass step's update.
   """
   mesh_cfg = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
-              "train.microbatches": microbatches}
+              "train.microbatches": microbatches, "train.grad_allreduce": "per_param"}
   setup, state = _setup()
   sharded_setup, _ = _setup(**mesh_cfg)
   mesh = sharded_setup.mesh
@@ -222,6 +222,30 @@ def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                got["params"], want["params"])
 
+
+
+def test_flat_allreduce_step_equals_the_one_device_step():
+  """train.grad_allreduce=flat over 8 devices, 2 microbatches: the model runs
+  inside shard_map without its layout constraints, and the update is the
+  one-device one."""
+  setup, _ = _setup()
+  flat_setup, _ = _setup(**{"mesh.data": 8, "train.grad_allreduce": "flat",
+                            "train.microbatches": 2})
+  mesh = flat_setup.mesh
+  init, _, shardings = trainer.state_layout(lm, flat_setup, mesh)
+  batch = {"tokens": lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]}
+  step = jax.jit(functools.partial(lm.train_step, flat_setup),
+                 in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
+  got, got_metrics = step(jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))["task"],
+                          sharding.put_batch(batch, sharding.batch_sharding(mesh)),
+                          jax.random.PRNGKey(1))
+  want_state = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))
+  want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
+      want_state, batch, jax.random.PRNGKey(1))
+  assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+  assert float(got_metrics["grad_norm"]) == pytest.approx(float(want_metrics["grad_norm"]), rel=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got["params"], want["params"])
 
 # ---- Training, and sampling from a trained run
 

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from genflax import data, optim, trainer
+from genflax import data, optim, sharding, trainer
+from genflax.errors import ConfigError
 from tests import helpers
 
 
@@ -191,25 +193,29 @@ def test_sample_cli_writes_a_grid_from_the_latest_checkpoint(smoke_run, tmp_path
   assert result.returncode == 2 and "--label needs a conditional model" in result.stderr
 
 
+
+def _launch_two(args, workdir):
+  """Two local processes of `genflax.main ARGS` joined by jax.distributed, 2 CPU devices each."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return [subprocess.Popen(
+      [sys.executable, "-m", "genflax.main", *args, f"--workdir={workdir}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+
 def test_two_processes_train_like_one(tmp_path):
   """jax.distributed over two local processes (2 CPU devices each) vs one process with 4.
 
   SIGTERM reaches process 1 only: both stop at the same step and save its
   checkpoint; run again, they finish like the uninterrupted single process.
   """
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=400",
           "--config.train.eval_every_steps=1000", "--config.train.ckpt_every_steps=1000"]
 
-  def launch():
-    with socket.socket() as s:
-      s.bind(("127.0.0.1", 0))
-      port = s.getsockname()[1]
-    return [subprocess.Popen(
-        [sys.executable, "-m", "genflax.main", *args, f"--workdir={tmp_path / 'two'}",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+  launch = lambda: _launch_two(args, tmp_path / 'two')
 
   procs = launch()
   first = _read_until(procs[0], "train step compiled")
@@ -236,6 +242,22 @@ def test_two_processes_train_like_one(tmp_path):
   assert two_results["neg_elbo"] == pytest.approx(one_results["neg_elbo"], rel=1e-5)
 
 
+def test_two_processes_with_the_flat_allreduce_train_like_one(tmp_path):
+  """train.grad_allreduce=flat across processes (gloo): one all-reduce per
+  step, the same shards, so the same randomness, as one process with 4 devices."""
+  args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=100",
+          "--config.train.eval_every_steps=1000", "--config.train.grad_allreduce=flat"]
+  procs = _launch_two(args, tmp_path / "two")
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert "4 cpu devices, 2 process(es)" in outs[0]
+  one = helpers.cli(*args, f"--workdir={tmp_path / 'one'}",
+                    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert one.returncode == 0, one.stderr
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               _params(str(tmp_path / "two"))[1], _params(str(tmp_path / "one"))[1])
+
+
 def test_microbatched_gradients_average_the_pieces_and_fold_their_rng():
   """optim.grads with M microbatches: the one-pass gradient and means for a
   row-mean loss; microbatch m draws from fold_in(rng, m) and holds rows m::M."""
@@ -254,3 +276,52 @@ def test_microbatched_gradients_average_the_pieces_and_fold_their_rng():
   noise = np.mean([jax.random.uniform(jax.random.fold_in(rng, m)) for m in range(4)])
   np.testing.assert_allclose(got["noise"], noise, rtol=1e-6)
   np.testing.assert_allclose(got["first"], x[:4, 0].mean(), rtol=1e-6)  # rows 0, 1, 2, 3
+
+
+def _allreduced_arrays(hlo_text: str) -> list[list[str]]:
+  """The array types each all-reduce of a compiled program reduces, e.g. [["f32[300]", "f32[]"]]."""
+  ops = [line.split("=", 1)[1].split(" all-reduce(")[0] for line in hlo_text.splitlines()
+         if " all-reduce(" in line]
+  return [re.findall(r"\w+\[[\d,]*\]", op) for op in ops]
+
+
+def test_flat_allreduce_averages_the_devices_gradients_in_one_buffer():
+  """train.grad_allreduce=flat on 8 devices (4 batch rows each, 2 microbatches):
+  the one-device gradient and means; one all-reduce of one gradient buffer
+  (plus the aux means); device d draws from fold_in(rng, d)."""
+  x = np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32)
+  params = {"w": np.ones((3, 5), np.float32), "b": np.zeros(5, np.float32)}
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+
+  def loss_fn(p, batch, rng):
+    loss = jax.numpy.mean((batch["x"] @ p["w"] + p["b"][None]) ** 2)
+    return loss, {"loss": loss, "noise": jax.random.uniform(rng)}
+
+  rng = jax.random.PRNGKey(7)
+  want_grads, want = optim.grads(loss_fn, params, {"x": x}, rng)
+  flat = jax.jit(optim.grads, static_argnums=(0, 4, 5))
+  batch = sharding.put_batch({"x": x}, sharding.batch_sharding(mesh))
+  got_grads, got = flat(loss_fn, params, batch, rng, 2, mesh)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), got_grads, want_grads)
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+  noise = np.mean([jax.random.uniform(jax.random.fold_in(jax.random.fold_in(rng, d), m))
+                   for d in range(8) for m in range(2)])
+  np.testing.assert_allclose(got["noise"], noise, rtol=1e-6)
+
+  flat_hlo = flat.lower(loss_fn, params, batch, rng, 2, mesh).compile().as_text()
+  assert _allreduced_arrays(flat_hlo) == [["f32[20]", "f32[]", "f32[]"]]
+  per_param = jax.jit(optim.grads, static_argnums=(0, 4)).lower(loss_fn, params, batch, rng, 2)
+  arrays = sum(_allreduced_arrays(per_param.compile().as_text()), [])
+  assert len([a for a in arrays if a != "f32[]"]) == 2  # w and b, each its own buffer
+
+
+def test_flat_allreduce_needs_replicated_parameters():
+  config = helpers.config("vae_digits", **{"train.grad_allreduce": "flat", "mesh.data": 4,
+                                           "mesh.fsdp": 2})
+  with pytest.raises(ConfigError, match=r"grad_allreduce=flat needs parameters replicated .* "
+                                        r"use mesh.fsdp=1 and mesh.tensor=1"):
+    trainer.check_step(config, sharding.make_mesh(config.mesh))
+  config = helpers.config("vae_digits", **{"train.grad_allreduce": "ring"})
+  with pytest.raises(ConfigError, match=r"train.grad_allreduce='ring': expected one of "
+                                        r"\('per_param', 'flat'\)"):
+    trainer.check_step(config, sharding.make_mesh(config.mesh))

@@ -133,6 +133,10 @@ def build(config, info) -> Setup:
     raise ConfigError(f"train.microbatches={config.train.microbatches}: the GAN step alternates "
                       "D and G updates on the whole batch; gradient accumulation is not "
                       "supported, use 1")
+  if config.train.grad_allreduce != "per_param":
+    raise ConfigError(f"train.grad_allreduce={config.train.grad_allreduce!r}: the GAN step "
+                      "sums its D and G gradients with XLA's per-parameter all-reduces; "
+                      "use per_param")
   h, w, _ = info.image_shape
   for name, chans in (("model.g_channels", m.g_channels), ("model.d_channels", m.d_channels)):
     if m.arch == "dcgan" and (not chans or h % 2 ** len(chans) or w % 2 ** len(chans)):

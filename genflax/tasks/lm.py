@@ -15,6 +15,7 @@ Sampling keeps a KV cache of T positions: one prefill of the prompt, then a
 are prefilled again into a fresh cache (the model only knows T positions),
 inside the same compiled loop.
 """
+import contextlib
 import dataclasses
 import functools
 import math
@@ -135,9 +136,16 @@ def learning_rates(setup: Setup, step: int) -> dict:
 # ---- Training and evaluation
 
 def apply_on_mesh(setup: Setup, params, tokens, train=False, rng=None):
-  """Logits [B, T, V] with the activations' logical axes bound to the mesh."""
-  rules = tuple(map(tuple, setup.config.sharding_rules))
-  with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh), nn.logical_axis_rules(rules):
+  """Logits [B, T, V] with the activations' logical axes bound to the mesh.
+
+  Inside `shard_map` (train.grad_allreduce=flat) each device holds its own
+  rows and the whole model, so there is nothing to lay out.
+  """
+  layout = contextlib.ExitStack()
+  if not jax.sharding.get_abstract_mesh().manual_axes:
+    layout.enter_context(jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh))
+    layout.enter_context(nn.logical_axis_rules(tuple(map(tuple, setup.config.sharding_rules))))
+  with layout:
     logits, _ = setup.model.apply({"params": params}, tokens, train=train,
                                   rngs=None if rng is None else {"dropout": rng})
   return logits
@@ -156,7 +164,7 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
     loss = window_loss(logits, tokens).mean()
     return loss, {"loss": loss}
 
-  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train.microbatches)
+  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train, setup.mesh)
 
 
 def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.special import log_ndtr
 
-from genflax import data, metrics, optim
+from genflax import data, metrics, optim, sharding
 from genflax.errors import ConfigError
 
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_gaussian")
@@ -102,6 +102,7 @@ class Setup:
   model: VAE
   tx: optax.GradientTransformation
   schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
 
 
 def datasets(config, workdir: str):
@@ -125,7 +126,7 @@ def build(config, info) -> Setup:
   model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim),
               Decoder(m.arch, tuple(m.hidden), tuple(m.channels), info.image_shape, outputs))
   return Setup(config, info, model, optim.build(config.optim, config.train.num_steps),
-               optim.schedule(config.optim, config.train.num_steps))
+               optim.schedule(config.optim, config.train.num_steps), sharding.make_mesh(config.mesh))
 
 
 def init(setup: Setup, rng) -> dict:
@@ -248,7 +249,7 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
     return loss, {"loss": loss, "rec": jnp.mean(rec), "kl": jnp.mean(kl),
                   "neg_elbo": jnp.mean(rec + kl)}
 
-  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train.microbatches)
+  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train, setup.mesh)
 
 
 def iwae_bound(setup: Setup, params, x, y, rng, k: int):
