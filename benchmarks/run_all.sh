@@ -22,12 +22,12 @@ run gan_mlp --config configs/gan_digits.py --steps 200
 run gan_mlp_hostfeed --config configs/gan_digits.py --steps 200 data.on_device_mb=0
 run dcgan --config configs/dcgan_digits.py --steps 100
 run cgan --config configs/cgan_digits.py --steps 100
-run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 50
+run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 200
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev \
-    --config configs/lm_shakespeare.py:nano --steps 50 mesh.data=2
+    --config configs/lm_shakespeare.py:nano --steps 200 mesh.data=2
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev_per_param \
-    --config configs/lm_shakespeare.py:nano --steps 50 mesh.data=2 train.grad_allreduce=per_param
-run2 lm_nano_2proc --config configs/lm_shakespeare.py:nano --steps 50 mesh.data=2
+    --config configs/lm_shakespeare.py:nano --steps 200 mesh.data=2 train.grad_allreduce=per_param
+run2 lm_nano_2proc --config configs/lm_shakespeare.py:nano --steps 100 mesh.data=2
 run2 lm_nano_2proc_per_param --config configs/lm_shakespeare.py:nano --steps 20 mesh.data=2 \
     train.grad_allreduce=per_param
 run lm_baby_1dev --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1
