@@ -48,7 +48,8 @@ def classify(op: str, jax_name: str) -> tuple[str, str]:
     phase = "update and other"
   if op.startswith(COLLECTIVES):
     kind = "collective"
-  elif "dot_general" in jax_name or "conv_general_dilated" in jax_name:
+  elif ("dot_general" in jax_name or "conv_general_dilated" in jax_name
+        or re.match(r"(dot|convolution)(\.\d+)?$", op)):  # a dot XLA folded a transpose into
     kind = "dot/conv"
   else:
     kind = "other"
