@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from benchmarks import hot_loop, profile_ops
+from benchmarks import allreduce, hot_loop, profile_ops
 from genflax import trainer
 from tests import helpers
 
@@ -48,3 +48,11 @@ def test_profile_ops_splits_the_step_into_phases_and_kinds():
   assert sum(by_class.values()) == pytest.approx(result["ms_per_step"])
   assert any("blockN/mlp_in/dot_general" in where for _, where in result["by_op"])
   assert "| backward | dot/conv |" in profile_ops.report(result)
+
+
+def test_allreduce_benchmark_times_each_buffer_count(capsys, monkeypatch):
+  monkeypatch.setattr("sys.argv", ["allreduce", "--floats", "4000", "--repeats", "3"])
+  allreduce.main()
+  rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+  assert [int(r[0]) for r in rows] == [1, 8, 50]
+  assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
