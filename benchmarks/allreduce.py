@@ -1,16 +1,13 @@
-"""What an all-reduce of many buffers costs between CPU devices: `python -m benchmarks.allreduce`.
+"""What an all-reduce of many buffers costs between CPU devices.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.allreduce
 
 Averages the same number of floats (default 800k, the nano LM's gradient)
-split into 1, 8 and 50 buffers over two in-process CPU devices, as
+split into 1, 8 and 50 buffers over two CPU devices of one process, as
 `shard_map` + `pmean` does, and prints the median time of each beside a
 local elementwise op on the same buffers (dispatch and memory alone).
 """
-import os
-
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=2").strip()
-
-import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
+import argparse
 import statistics
 import time
 
@@ -35,6 +32,9 @@ def main():
   parser.add_argument("--floats", type=int, default=800_000)
   parser.add_argument("--repeats", type=int, default=200)
   args = parser.parse_args()
+  if jax.device_count() < 2:
+    raise SystemExit("benchmarks.allreduce needs two devices: on CPU, run it with "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=2")
   mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
   print("| buffers | all-reduce ms | local op ms |\n| --- | --- | --- |")
   for count in (1, 8, 50):

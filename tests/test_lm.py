@@ -169,6 +169,7 @@ def test_greedy_decoding_is_deterministic_and_matches_recomputation():
   gen = lambda n, seed, **kw: np.asarray(lm.generate_tokens(
       setup, params, jnp.asarray(prompts), n, jax.random.PRNGKey(seed),
       kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0)))
+  assert gen(1, 0).shape == (2, 7)  # shorter than the half-context a refill keeps
   out = gen(30, 0)  # past the context of 16: refills the cache twice
   np.testing.assert_array_equal(out, gen(30, 1))
   np.testing.assert_array_equal(out[:, :6], prompts)

@@ -249,7 +249,10 @@ def generate_tokens(setup: Setup, params, prompts, num_new: int, rng,
       logits, c = model.apply({"params": params}, tok[:, None], cache, pos)
       return c, pos + 1, logits[:, -1]
 
-    cache, pos, last = jax.lax.cond(pos == s, refill, advance, None)
+    if p + num_new <= s:  # the cache never fills (nor holds the T/2 tokens a refill takes)
+      cache, pos, last = advance(None)
+    else:
+      cache, pos, last = jax.lax.cond(pos == s, refill, advance, None)
     return (buf, cache, pos, last, rng), None
 
   carry = (buf, cache, jnp.int32(p), logits[:, -1], rng)
