@@ -21,7 +21,6 @@ others wait, and reports. Decoding is timed only in one-process runs.
 import argparse
 import ast
 import functools
-import importlib
 import json
 import resource
 import statistics
@@ -101,7 +100,7 @@ def percentile(values, q):
 
 def build(config):
   """The trainer's compiled step for `config`: (task, setup, info, feed, state, train_step, traces)."""
-  task = importlib.import_module(f"genflax.tasks.{config.task}")
+  task = trainer.load_task(config.task)
   mesh = sharding.make_mesh(config.mesh)
   trainer.check_step(config, mesh)
   train_data, _, info = task.datasets(config, "/tmp/genflax_benchmark")

@@ -87,8 +87,8 @@ def grads(loss_fn, params, batch: dict, rng, microbatches: int = 1, flat_over=No
   the gradients over the devices as one flat buffer, in one all-reduce,
   instead of the all-reduce per parameter that XLA inserts otherwise: on
   CPU devices each buffer of a collective costs tens of microseconds in one
-  process and about half a millisecond through gloo between processes. Each device
-  draws its randomness from `fold_in(rng, device's batch shard)`.
+  process and about half a millisecond through gloo between processes.
+  Each device draws its randomness from `fold_in(rng, device's batch shard)`.
   """
   if flat_over is not None:
     return _flat_allreduce(loss_fn, params, batch, rng, microbatches, flat_over)
@@ -138,7 +138,7 @@ def check_grad_allreduce(train_cfg, mesh) -> None:
 
 
 def update(tx: optax.GradientTransformation, state: dict, loss_fn, batch: dict, rng,
-           train_cfg=None, mesh=None):
+           train_cfg, mesh):
   """One step of `tx` on state {"params", "opt_state"} down the gradient of `loss_fn`.
 
   loss_fn(params, batch, rng) -> (loss, metrics), as for `grads`; `train_cfg`
@@ -146,11 +146,8 @@ def update(tx: optax.GradientTransformation, state: dict, loss_fn, batch: dict, 
   devices that `flat` averages over. Returns the new state and the metrics,
   with the gradient's global norm as `grad_norm`.
   """
-  microbatches, flat_over = 1, None
-  if train_cfg is not None:
-    microbatches = train_cfg.microbatches
-    flat_over = mesh if train_cfg.grad_allreduce == "flat" else None
-  grads_, metrics = grads(loss_fn, state["params"], batch, rng, microbatches, flat_over)
+  flat_over = mesh if train_cfg.grad_allreduce == "flat" else None
+  grads_, metrics = grads(loss_fn, state["params"], batch, rng, train_cfg.microbatches, flat_over)
   updates, opt_state = tx.update(grads_, state["opt_state"], state["params"])
   metrics["grad_norm"] = optax.tree.norm(grads_)
   return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, metrics
