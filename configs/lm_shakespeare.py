@@ -28,6 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       tie_embeddings=True,
       dropout=0.0,
       attention="einsum",          # einsum | dot_product_attention (jax.nn's, fused kernels on GPU)
+      dense_grads="auto",          # auto | xla | row_major (auto: row_major on CPU; genflax/models/layers.py)
   ))
   c.optim = defaults.optim(name="adamw", lr=1e-3, warmup_steps=100, end_lr_frac=0.1,
                            weight_decay=0.1, grad_clip=1.0, b2=0.99)

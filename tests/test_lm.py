@@ -1,7 +1,9 @@
 """The LM family: corpus, tokenizers, Transformer, KV-cache sampling, CLI."""
+import collections
 import functools
 import hashlib
 import os
+import re
 
 from etils import epath
 import flax.linen as nn
@@ -15,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from genflax import data, sharding, tokenizers, trainer
 from genflax.data import shakespeare
-from genflax.models import transformer
+from genflax.models import layers, transformer
 from genflax.tasks import lm
 from tests import helpers
 
@@ -147,6 +149,37 @@ def test_written_out_attention_equals_jax_dot_product_attention():
   np.testing.assert_allclose(transformer.attention(q, k, v, causal),
                              jax.nn.dot_product_attention(q, k, v, is_causal=True),
                              atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("features", [24, 4])  # transposes x, then dy and the result
+def test_row_major_dense_gradients_equal_xla_gradients(features):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 8))
+  params = nn.Dense(features).init(jax.random.PRNGKey(1), x)
+
+  def grads(kind):
+    dense = nn.Dense(features, dot_general=layers.dense_dot_general(kind))
+    loss = lambda p, x: jnp.sum(jnp.sin(dense.apply(p, x)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               grads("row_major"), grads("xla"))
+
+
+def test_row_major_dense_grads_compile_to_row_major_matmuls():
+  """XLA writes the MLP's weight gradients as dots contracting the left
+  operand's leading axis (a slow path on XLA:CPU); model.dense_grads=row_major
+  leaves only dots that contract its last axis."""
+  def mlp_dot_contractions(kind):
+    setup, state = _setup(**{"model.dense_grads": kind})
+    step = jax.jit(functools.partial(lm.train_step, setup))
+    hlo = step.lower(state, {"tokens": np.zeros((16, 16), np.int32)},
+                     jax.random.PRNGKey(1)).compile().as_text()
+    return collections.Counter(
+        re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
+        for line in hlo.splitlines() if re.search(r" dot\(", line) and "/mlp_" in line)
+
+  assert mlp_dot_contractions("xla")["0"] == 4                       # 2 layers x mlp_in, mlp_out
+  assert mlp_dot_contractions("row_major") == {"1": 12}              # 2 layers x 2 x 3 matmuls
 
 
 def test_changing_a_future_token_leaves_earlier_logits_alone():

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from genflax.models import layers
+
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 ATTENTIONS = ("einsum", "dot_product_attention")
@@ -44,10 +46,11 @@ VARIANTS = {
 }
 
 
-def dense(features: int, names, name: str, use_bias=True):
-  """nn.Dense whose kernel and bias carry logical axis names."""
+def dense(features: int, names, name: str, use_bias=True, grads="xla"):
+  """nn.Dense whose kernel and bias carry logical axis names; `grads` as in
+  `layers.dense_dot_general`."""
   return nn.Dense(
-      features, use_bias=use_bias, name=name,
+      features, use_bias=use_bias, name=name, dot_general=layers.dense_dot_general(grads),
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]))
 
@@ -127,6 +130,7 @@ class Block(nn.Module):
   norm: str
   dropout: float
   attention: str = "einsum"
+  dense_grads: str = "xla"
 
   @nn.compact
   def __call__(self, x, positions, cache, index, train):
@@ -134,9 +138,11 @@ class Block(nn.Module):
     h, cache = Attention(self.num_heads, self.rotary, self.dropout, self.attention, name="attn")(
         norm(self.norm, "norm1")(x), positions, cache, index, train)
     x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
-    h = dense(4 * d, ("embed", "mlp"), "mlp_in")(norm(self.norm, "norm2")(x))  # [B, T, F]
+    mlp_in = dense(4 * d, ("embed", "mlp"), "mlp_in", grads=self.dense_grads)
+    mlp_out = dense(d, ("mlp", "embed"), "mlp_out", grads=self.dense_grads)
+    h = mlp_in(norm(self.norm, "norm2")(x))                 # [B, T, F]
     h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
-    h = nn.Dropout(self.dropout, deterministic=not train)(dense(d, ("mlp", "embed"), "mlp_out")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(mlp_out(h))
     return nn.with_logical_constraint(x + h, ("batch", "length", "embed")), cache
 
 
@@ -148,6 +154,7 @@ class Transformer(nn.Module):
   tie_embeddings: bool = True
   dropout: float = 0.0
   attention: str = "einsum"   # see `attention`
+  dense_grads: str = "xla"    # see `layers.dense_dot_general`
 
   @nn.compact
   def __call__(self, tokens, cache=None, index=0, train=False):
@@ -167,13 +174,14 @@ class Transformer(nn.Module):
     new_cache = []
     for i in range(v.num_layers):
       x, layer_cache = Block(v.num_heads, self.positions == "rotary", self.norm, self.dropout,
-                             self.attention, name=f"block{i}")(x, positions, None if cache is None else cache[i], index, train)
+                             self.attention, self.dense_grads, name=f"block{i}")(x, positions, None if cache is None else cache[i], index, train)
       new_cache.append(layer_cache)
     x = norm(self.norm, "norm_out")(x)
     if self.tie_embeddings:
       logits = embed.attend(x)                              # [B, T, V]
     else:
-      logits = dense(self.vocab_size, ("embed", "vocab"), "head", use_bias=False)(x)
+      logits = dense(self.vocab_size, ("embed", "vocab"), "head", use_bias=False,
+                     grads=self.dense_grads)(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     return logits, (new_cache if cache is not None else None)
 

@@ -29,7 +29,7 @@ import optax
 
 from genflax import data, optim, sharding, tokenizers, trainer
 from genflax.errors import ConfigError
-from genflax.models import transformer
+from genflax.models import layers, transformer
 from genflax.models.transformer import Transformer
 
 
@@ -108,8 +108,10 @@ def build(config, info: TextInfo) -> Setup:
     raise ConfigError(f"model.norm={m.norm!r}: expected one of {transformer.NORMS}")
   if m.attention not in transformer.ATTENTIONS:
     raise ConfigError(f"model.attention={m.attention!r}: expected one of {transformer.ATTENTIONS}")
+  if m.dense_grads not in layers.DENSE_GRADS:
+    raise ConfigError(f"model.dense_grads={m.dense_grads!r}: expected one of {layers.DENSE_GRADS}")
   model = Transformer(info.tokenizer.vocab_size, variant(config), m.positions, m.norm,
-                      m.tie_embeddings, m.dropout, m.attention)
+                      m.tie_embeddings, m.dropout, m.attention, m.dense_grads)
   steps = config.train.num_steps
   return Setup(config, info, model, optim.build(config.optim, steps, decay_mask),
                optim.schedule(config.optim, steps), sharding.make_mesh(config.mesh))
