@@ -24,6 +24,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       obs_sigma=0.1,               # likelihood=gaussian only
       beta=1.0,                    # weight of the KL term (beta-VAE)
       conditional=False,           # labels into encoder and decoder
+      dense_grads="auto",          # auto | xla | row_major (auto: row_major on CPU; genflax/models/layers.py)
   ))
   # 1,437 training images: the test bound is best near 1-2k steps and worsens
   # after (train -ELBO keeps falling), so the default stops there.

@@ -1,6 +1,7 @@
 """The VAE family's maths and training, on the real digits data."""
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +104,25 @@ def test_conditional_decoder_uses_the_label():
   y = jax.nn.one_hot(jnp.array([3, 7]), 10)
   out = setup.model.apply({"params": state["params"]}, z, y, method=vae.VAE.decode)
   assert not np.allclose(out[0], out[1])
+
+
+def test_row_major_dense_grads_give_the_same_step_without_transposed_matmuls():
+  """model.dense_grads=row_major: the step XLA's gradients give, and no dot in
+  the compiled step contracts its left operand's leading axis (XLA:CPU's slow
+  path; genflax/models/layers.py)."""
+  train, _, _ = data.load("digits")
+  batch = data.Batches(train, 128, seed=0).get(0)
+  steps = {}
+  for kind in ("xla", "row_major"):
+    setup, _, _ = _setup(**{"model.dense_grads": kind})
+    step = jax.jit(functools.partial(vae.train_step, setup))
+    state = vae.init(setup, jax.random.PRNGKey(0))
+    hlo = step.lower(state, batch, jax.random.PRNGKey(1)).compile().as_text()
+    contractions = re.findall(r" dot\(.*lhs_contracting_dims=\{([\d,]*)\}", hlo)
+    steps[kind] = step(state, batch, jax.random.PRNGKey(1)), contractions
+  (xla_state, xla_metrics), xla_dots = steps["xla"]
+  (state, metrics), dots = steps["row_major"]
+  assert "0" in xla_dots and dots and "0" not in dots
+  assert float(metrics["loss"]) == pytest.approx(float(xla_metrics["loss"]), rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               state["params"], xla_state["params"])

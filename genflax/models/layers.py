@@ -2,7 +2,7 @@
 
 `row_major_dot_general` is a drop-in `dot_general` for `nn.Dense` whose
 backward pass forms the weight gradient x^T dy as a plain row-major matmul.
-XLA writes that gradient as a dot contracting the leading (token) axis of
+XLA writes that gradient as a dot contracting the leading (row) axis of
 both operands; XLA:CPU's fast matmul library (YNNPACK) takes no transposed
 left operand, so such dots fall back to a generic kernel about twice as
 slow (benchmarks/README.md). Here the smaller of x and dy is transposed into
@@ -17,13 +17,18 @@ import jax.numpy as jnp
 DENSE_GRADS = ("auto", "xla", "row_major")
 
 
-def dense_dot_general(kind: str):
-  """The dot_general for nn.Dense: "row_major", "xla", or "auto" (row_major on CPU)."""
+def dense_grads(kind: str) -> str:
+  """"xla" or "row_major" for one of DENSE_GRADS ("auto": row_major on CPU)."""
   if kind not in DENSE_GRADS:
     raise ValueError(f"dense gradients {kind!r}: expected one of {DENSE_GRADS}")
   if kind == "auto":
-    kind = "row_major" if jax.default_backend() == "cpu" else "xla"
-  return row_major_dot_general if kind == "row_major" else jax.lax.dot_general
+    return "row_major" if jax.default_backend() == "cpu" else "xla"
+  return kind
+
+
+def dense_dot_general(kind: str):
+  """The dot_general for nn.Dense whose gradients are computed as `kind` says."""
+  return row_major_dot_general if dense_grads(kind) == "row_major" else jax.lax.dot_general
 
 
 @jax.custom_vjp

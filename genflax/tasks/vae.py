@@ -12,6 +12,7 @@ likelihoods give log p(x|z) in nats per image:
                          so its NLL and bits/dim compare across models.
 """
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ from jax.scipy.special import log_ndtr
 
 from genflax import data, metrics, optim, sharding
 from genflax.errors import ConfigError
+from genflax.models import layers
 
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_gaussian")
 ARCHS = ("mlp", "conv")
@@ -34,6 +36,7 @@ class Encoder(nn.Module):
   hidden: tuple[int, ...]
   channels: tuple[int, ...]
   latent_dim: int
+  dense_grads: str = "xla"   # see genflax.models.layers
 
   @nn.compact
   def __call__(self, x, y=None):
@@ -45,9 +48,10 @@ class Encoder(nn.Module):
     h = h.reshape(h.shape[0], -1)
     if y is not None:
       h = jnp.concatenate([h, y], -1)
+    dense = functools.partial(nn.Dense, dot_general=layers.dense_dot_general(self.dense_grads))
     for width in self.hidden:
-      h = nn.gelu(nn.Dense(width)(h))
-    return nn.Dense(self.latent_dim)(h), nn.Dense(self.latent_dim)(h)
+      h = nn.gelu(dense(width)(h))
+    return dense(self.latent_dim)(h), dense(self.latent_dim)(h)
 
 
 class Decoder(nn.Module):
@@ -56,6 +60,7 @@ class Decoder(nn.Module):
   channels: tuple[int, ...]
   image_shape: tuple[int, int, int]
   num_outputs: int  # per pixel: 1 (logit or mean) or 2 (mean, log-scale)
+  dense_grads: str = "xla"
 
   @nn.compact
   def __call__(self, z, y=None):
@@ -63,17 +68,18 @@ class Decoder(nn.Module):
     b = z.shape[0]
     h_img, w_img, c_img = self.image_shape
     h = z if y is None else jnp.concatenate([z, y], -1)
+    dense = functools.partial(nn.Dense, dot_general=layers.dense_dot_general(self.dense_grads))
     for width in reversed(self.hidden):
-      h = nn.gelu(nn.Dense(width)(h))
+      h = nn.gelu(dense(width)(h))
     if self.arch == "conv":
       scale = 2 ** len(self.channels)
-      h = nn.gelu(nn.Dense(h_img // scale * w_img // scale * self.channels[-1])(h))
+      h = nn.gelu(dense(h_img // scale * w_img // scale * self.channels[-1])(h))
       h = h.reshape(b, h_img // scale, w_img // scale, self.channels[-1])
       for ch in reversed(self.channels):
         h = nn.gelu(nn.ConvTranspose(ch, (3, 3), strides=(2, 2))(h))  # doubles H, W
       h = nn.Conv(c_img * self.num_outputs, (3, 3))(h)  # [B, H, W, C * outputs]
     else:
-      h = nn.Dense(h_img * w_img * c_img * self.num_outputs)(h)
+      h = dense(h_img * w_img * c_img * self.num_outputs)(h)
     return h.reshape(b, h_img, w_img, c_img, self.num_outputs)
 
 
@@ -123,8 +129,11 @@ def build(config, info) -> Setup:
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   outputs = 2 if m.likelihood == "discretized_gaussian" else 1
-  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim),
-              Decoder(m.arch, tuple(m.hidden), tuple(m.channels), info.image_shape, outputs))
+  if m.dense_grads not in layers.DENSE_GRADS:
+    raise ConfigError(f"model.dense_grads={m.dense_grads!r}: expected one of {layers.DENSE_GRADS}")
+  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim, m.dense_grads),
+              Decoder(m.arch, tuple(m.hidden), tuple(m.channels), info.image_shape, outputs,
+                      m.dense_grads))
   return Setup(config, info, model, optim.build(config.optim, config.train.num_steps),
                optim.schedule(config.optim, config.train.num_steps), sharding.make_mesh(config.mesh))
 
