@@ -16,6 +16,8 @@ from genflax.errors import UserError
 # (more steps, another log interval) is fine; with these changed, the
 # checkpoints would belong to something else.
 IDENTITY_KEYS = ("task", "model", "data.name")
+# ...except these, which change how the same model is computed, not what.
+NOT_IDENTITY = ("model.dense_grads",)
 
 
 def manager(workdir: str, keep: int | None = None, read_only: bool = False
@@ -60,7 +62,7 @@ def identity(config: dict) -> dict:
     for part in key.split("."):
       value = value.get(part) if isinstance(value, dict) else None
     add(key, value)
-  return out
+  return {k: v for k, v in out.items() if k not in NOT_IDENTITY}
 
 
 def check_workdir(workdir: str, config, latest_step: int | None) -> None:

@@ -1,8 +1,10 @@
 """`python -m genflax.main`: bad input gives one clear line and status 2."""
+import json
 import os
 
 import pytest
 
+from genflax import checkpoints
 from tests import helpers
 
 SMOKE = "--config=configs/vae_digits.py:smoke"
@@ -65,6 +67,19 @@ def test_foreign_workdir_is_refused_and_left_intact(tmp_path):
   longer = helpers.cli(SMOKE, f"--workdir={workdir}", "--config.train.num_steps=16")
   assert longer.returncode == 0, longer.stderr
   assert "resumed from step 12" in longer.stdout
+
+
+def test_how_the_gradient_is_computed_is_not_part_of_the_experiment():
+  """A workdir written with model.dense_grads=xla (or before the key existed) resumes
+  with row_major: the same model, computed another way."""
+  def ident(**overrides):
+    config = helpers.config("lm_shakespeare", "smoke", **overrides)
+    return checkpoints.identity(json.loads(config.to_json_best_effort()))
+
+  ours = ident(**{"model.dense_grads": "row_major"})
+  assert ours == ident(**{"model.dense_grads": "xla"})
+  assert "model.variant" in ours and "model.dense_grads" not in ours
+  assert ours != ident(**{"model.variant": "nano"})
 
 
 def test_cpu_devices_splits_the_host_unless_the_environment_says(tmp_path):
