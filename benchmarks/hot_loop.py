@@ -33,6 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from genflax import data, main as genflax_main, sharding, trainer
+from genflax.models import layers
 
 
 def matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
@@ -184,6 +185,8 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
       "devices": int(np.prod(list(mesh.shape.values()))), "processes": jax.process_count(),
       "batches": feed.mode,
       "microbatches": config.train.microbatches, "grad_allreduce": config.train.grad_allreduce,
+      "dense_grads": (layers.dense_grads(config.model.dense_grads)   # the LM's dense layers
+                      if "dense_grads" in config.get("model", {}) else "-"),
       "platform": jax.devices()[0].platform, "compile_s": compile_s,
       "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * percentile(step_times, 10),
       "step_ms_p90": 1e3 * percentile(step_times, 90),

@@ -4,7 +4,8 @@ import sys
 
 COLUMNS = [("run", "command_config"), ("processes", "processes"), ("devices", "devices"),
            ("batch", "batch_size"), ("micro-batches", "microbatches"),
-           ("grad all-reduce", "grad_allreduce"), ("batches from", "batches"),
+           ("grad all-reduce", "grad_allreduce"), ("dense grads", "dense_grads"),
+           ("batches from", "batches"),
            ("compile s", "compile_s"), ("step ms (p10-p90)", None), ("examples/s", "examples_per_s"),
            ("GFLOP/step model / XLA", None), ("peak GFLOP/s", "peak_matmul_gflops_per_s"),
            ("MFU", "mfu"), ("input share", "input_share_of_step"),

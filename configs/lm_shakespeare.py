@@ -59,10 +59,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # 8 sequential microbatches of 8 windows: the same update, and on 2 CPU
     # cores 1.6x faster than one pass over 64 (benchmarks/README.md).
     c.train.microbatches = 8
-    # At this size the all-reduce is a small part of a 4 s step, and inside
-    # shard_map XLA:CPU runs the MLP weight gradients as slower plain dots:
-    # per_param measured 3.74-3.79 s/step against 3.94-4.07 s for flat.
-    c.train.grad_allreduce = "per_param"
     c.eval.batch_size = 64
     c.train.update(num_steps=5000, eval_every_steps=500)
     c.optim.update(lr=1e-3, warmup_steps=100)
