@@ -32,7 +32,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from genflax import data, main as genflax_main, sharding, trainer
+from genflax import main as genflax_main, trainer
 from genflax.models import layers
 
 
@@ -101,17 +101,9 @@ def percentile(values, q):
 
 def build(config):
   """The trainer's compiled step for `config`: (task, setup, info, feed, state, train_step, traces)."""
-  task = trainer.load_task(config.task)
-  mesh = sharding.make_mesh(config.mesh)
-  trainer.check_step(config, mesh)
-  train_data, _, info = task.datasets(config, "/tmp/genflax_benchmark")
-  batches = data.Batches(train_data, config.data.batch_size, config.seed)
-  setup = task.build(config, info)
-  feed = data.Feed(batches, sharding.batch_sharding(mesh), config.data.on_device_mb)
-  init, _, state_sh = trainer.state_layout(task, setup, mesh)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
-  train_step, traces = trainer.make_train_step(task, setup, state_sh, feed)
-  return task, setup, info, feed, state, train_step, traces
+  run = trainer.build(config, "/tmp/genflax_benchmark")
+  state = jax.jit(run.init, out_shardings=run.state_sh)(jax.random.PRNGKey(config.seed))
+  return run.task, run.setup, run.info, run.feed, state, run.train_step, run.traces
 
 
 def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:

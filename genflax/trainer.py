@@ -22,11 +22,14 @@ The loop wraps the family's state as {"step", "rng", "task"}; the step's RNG
 is `fold_in(rng, step)`, so a batch (`Batches.get(step)`) and its randomness
 depend only on the step, and a resumed run repeats an uninterrupted one.
 """
+import dataclasses
 import importlib
 import json
 import os
 import signal
 import time
+import types
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -82,18 +85,16 @@ def train(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
 
-  # ---- Data
-  train_data, test_data, info = task.datasets(config, workdir)
-  batches = data.Batches(train_data, config.data.batch_size, config.seed)
-  setup = task.build(config, info)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  feed = data.Feed(batches, batch_sh, config.data.on_device_mb)
+  # ---- Data, the family's setup, the state's layout, the compiled step
+  run = build(config, workdir, task, mesh)
+  setup, info, feed, test_data = run.setup, run.info, run.feed, run.test_data
+  train_step, traces = run.train_step, run.traces
+  batch_sh, repl = feed.batch_sharding, sharding.replicated(mesh)
 
   # ---- State: created (or restored) straight into its shardings
-  init, abstract, state_sh = state_layout(task, setup, mesh)
-  restored = checkpoints.restore(mngr, abstract)
+  restored = checkpoints.restore(mngr, run.abstract)
   if restored is None:
-    state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
+    state = jax.jit(run.init, out_shardings=run.state_sh)(jax.random.PRNGKey(config.seed))
     step = 0
   else:
     state, meta = restored
@@ -102,8 +103,7 @@ def train(config, workdir: str) -> dict:
   log(describe(config, info, mesh, state))
   log(f"batches {feed}")
 
-  # ---- Compiled steps
-  train_step, traces = make_train_step(task, setup, state_sh, feed)
+  # ---- Compiled evaluation and sampling
   eval_step = jax.jit(lambda s, b, r, final: task.eval_step(setup, s["task"], b, r, final),
                       static_argnums=3)
   samples_fn = jax.jit(lambda s, b, r: task.samples(setup, s["task"], b, r))
@@ -205,6 +205,36 @@ def train(config, workdir: str) -> dict:
   writer.close()
   mngr.close()
   return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a config builds before its first step (`build`)."""
+  task: types.ModuleType
+  setup: object            # task.build's
+  info: object             # task.datasets's
+  feed: data.Feed          # the training batches, on the devices or from the host
+  test_data: dict
+  init: Callable           # rng -> the trainer's state (plain arrays)
+  abstract: object         # its shapes, dtypes and shardings (what Orbax restores into)
+  state_sh: object         # its shardings
+  train_step: Callable     # (state, feed.inputs(step)) -> (state, metrics), jitted
+  traces: list             # traces[0]: how often train_step was compiled
+
+
+def build(config, workdir: str, task=None, mesh=None) -> Run:
+  """The data, the family's setup, the state's layout and the compiled train
+  step of `config`: what `train` runs, and what benchmarks/ time."""
+  task = task or load_task(config.task)
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  check_step(config, mesh)
+  train_data, test_data, info = task.datasets(config, workdir)
+  batches = data.Batches(train_data, config.data.batch_size, config.seed)
+  setup = task.build(config, info)
+  feed = data.Feed(batches, sharding.batch_sharding(mesh), config.data.on_device_mb)
+  init, abstract, state_sh = state_layout(task, setup, mesh)
+  train_step, traces = make_train_step(task, setup, state_sh, feed)
+  return Run(task, setup, info, feed, test_data, init, abstract, state_sh, train_step, traces)
 
 
 def make_train_step(task, setup, state_sh, feed: data.Feed):
