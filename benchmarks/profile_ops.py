@@ -4,8 +4,9 @@ Traces a few steps of the trainer's own compiled step (as `hot_loop` builds
 it) with `jax.profiler`, reads the XLA ops of device 0 from the trace, and
 names each op from the compiled HLO's metadata (the JAX operation that made
 it). Prints, per step:
-  - time by phase (forward, backward with the gradients' all-reduce,
-    everything else: the optimizer update,
+  - time by phase (forward, backward with the gradients' all-reduce or
+    reduce-scatter, everything else: the optimizer update and any all-gather
+    of the parameters,
     the loss's reduction) and kind (dot/conv, collective, other);
   - the ops that took longest, grouped over layers (block0, block1, ... ->
     blockN).
@@ -40,13 +41,13 @@ def op_metadata(hlo_text: str) -> dict[str, str]:
 
 def classify(op: str, jax_name: str) -> tuple[str, str]:
   """(phase, kind) of one XLA op."""
-  if "transpose(jvp(" in jax_name or "grad_allreduce" in jax_name:
+  if "transpose(jvp(" in jax_name or "grad_allreduce" in jax_name or "grad_reduce_scatter" in jax_name:
     phase = "backward"
   elif "jvp(" in jax_name:
     phase = "forward"
   else:
     phase = "update and other"
-  if op.startswith(COLLECTIVES):
+  if op.replace("_", "-").startswith(COLLECTIVES):  # XLA:CPU names some "reduce_scatter"
     kind = "collective"
   elif ("dot_general" in jax_name or "conv_general_dilated" in jax_name
         or re.match(r"(dot|convolution)(\.\d+)?$", op)):  # a dot XLA folded a transpose into

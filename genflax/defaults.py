@@ -32,9 +32,11 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
       microbatches=1,
       # How gradients are averaged over data-parallel devices: per_param (the
       # all-reduces XLA inserts, one buffer per parameter; randomness drawn
-      # for the whole batch, the same on any mesh) or flat (one all-reduce of
+      # for the whole batch, the same on any mesh), flat (one all-reduce of
       # all gradients as one buffer, each device drawing its own randomness;
-      # faster between CPU devices and processes: benchmarks/README.md).
+      # faster between CPU devices and processes: benchmarks/README.md) or
+      # reduce_scatter (as flat, but each device updates only its 1/n of the
+      # parameters with its 1/n of the optimizer state: ZeRO stage 1).
       grad_allreduce="per_param",
       profile_steps=(0, 0),      # (start, stop): trace these steps into workdir/profile
   ))

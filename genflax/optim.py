@@ -15,7 +15,13 @@ Config (a ConfigDict, e.g. `config.optim`):
 sequential pieces (gradient accumulation), and with
 `train.grad_allreduce=flat` averages it over the data-parallel devices in
 one all-reduce; `update` takes one optimizer step with it.
+`train.grad_allreduce=reduce_scatter` also splits the optimizer's work:
+see `update`.
 """
+import math
+import typing
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,7 +31,10 @@ from jax.sharding import PartitionSpec as P
 from genflax import sharding
 from genflax.errors import ConfigError
 
-GRAD_ALLREDUCES = ("per_param", "flat")
+GRAD_ALLREDUCES = ("per_param", "flat", "reduce_scatter")
+# reduce_scatter: each flat optimizer vector is padded to a multiple of this,
+# so its checkpoint fits any data-parallel device count that divides it.
+FLAT_PAD = 1024
 
 _SCHEDULES = ("constant", "cosine", "linear")
 _OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -62,12 +71,89 @@ def build(cfg, num_steps: int, weight_decay_mask=None) -> optax.GradientTransfor
     opt = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
   elif cfg.name == "adamw":
     opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                      mask=weight_decay_mask)
+                      mask=_flat_aware(weight_decay_mask))
   else:
     opt = optax.sgd(lr, momentum=cfg.b1 or None)
   if cfg.grad_clip:
-    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
+    opt = optax.chain(clip_by_global_norm(cfg.grad_clip), opt)
   return opt
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm (the same computation), except that inside
+  `shard_map` over the batch axes the norm spans every device's slice of the
+  updates (train.grad_allreduce=reduce_scatter)."""
+  def update_fn(updates, state, params=None):
+    del params
+    sharded = set(sharding.BATCH_AXES) & set(jax.sharding.get_abstract_mesh().manual_axes)
+    if sharded:
+      g_norm = jnp.sqrt(jax.lax.psum(optax.tree.norm(updates, squared=True), tuple(sharded)))
+    else:
+      g_norm = optax.tree.norm(updates)
+    trigger = jnp.squeeze(g_norm < max_norm)
+    clip = lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm)
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+class Flat(typing.NamedTuple):
+  """The parameters as two flat vectors (train.grad_allreduce=reduce_scatter):
+  those that weight decay applies to, and the rest."""
+  decay: jax.Array
+  keep: jax.Array
+
+
+def _flat_aware(mask):
+  """A weight-decay mask that also answers for `Flat` vectors."""
+  if mask is None:
+    return None
+  return lambda tree: (Flat(True, False) if isinstance(tree, Flat)
+                       else mask(tree) if callable(mask) else mask)
+
+
+class _FlatLayout:
+  """Where each parameter sits in the two padded `Flat` vectors."""
+
+  def __init__(self, params, decay_mask=None):
+    leaves, self.treedef = jax.tree.flatten(params)
+    if decay_mask is None:
+      decays = [True] * len(leaves)
+    else:  # a bool per parameter, or a function of the parameters giving them
+      decays = jax.tree.leaves(decay_mask(params) if callable(decay_mask) else decay_mask)
+    self.shapes = [x.shape for x in leaves]
+    self.groups = ([i for i, d in enumerate(decays) if d], [i for i, d in enumerate(decays) if not d])
+    self.sizes = [sum(math.prod(self.shapes[i]) for i in g) for g in self.groups]
+    self.padded = [max(1, -(-n // FLAT_PAD)) * FLAT_PAD for n in self.sizes]
+
+  def zeros(self, dtype=jnp.float32) -> Flat:
+    return Flat(*(jnp.zeros((n,), dtype) for n in self.padded))
+
+  def ravel(self, tree) -> Flat:
+    leaves = jax.tree.leaves(tree)
+    return Flat(*(jnp.pad(jnp.concatenate([leaves[i].reshape(-1) for i in g] or [jnp.zeros(0)]),
+                          (0, pad - n))
+                  for g, n, pad in zip(self.groups, self.sizes, self.padded)))
+
+  def unravel(self, flat: Flat):
+    leaves = [None] * len(self.shapes)
+    for g, vector in zip(self.groups, flat):
+      offset = 0
+      for i in g:
+        size = math.prod(self.shapes[i])
+        leaves[i] = vector[offset:offset + size].reshape(self.shapes[i])
+        offset += size
+    return jax.tree.unflatten(self.treedef, leaves)
+
+
+def init(tx: optax.GradientTransformation, params, train_cfg, decay_mask=None):
+  """The optimizer state of `tx` for `params` (which may carry logical axis
+  names): per parameter, or with train.grad_allreduce=reduce_scatter, for the
+  two `Flat` vectors, split over the batch axes of the mesh."""
+  if train_cfg.grad_allreduce != "reduce_scatter":
+    return tx.init(params)
+  flat = _FlatLayout(nn.unbox(params), decay_mask).zeros()
+  return tx.init(jax.tree.map(lambda v: nn.Partitioned(v, names=(sharding.OPT_SHARD,)), flat))
 
 
 def grads(loss_fn, params, batch: dict, rng, microbatches: int = 1, flat_over=None):
@@ -125,27 +211,71 @@ def _flat_allreduce(loss_fn, params, batch, rng, microbatches, mesh):
                        out_specs=P(), check_vma=False)(params, batch, rng)
 
 
+def _sharded_update(tx, state, loss_fn, batch, rng, microbatches, mesh, decay_mask):
+  axes = sharding.BATCH_AXES
+  n = math.prod(mesh.shape[a] for a in axes)
+  layout = _FlatLayout(state["params"], decay_mask)
+
+  def local(state, batch, rng):
+    i = jax.lax.axis_index(axes)
+    grads_, aux = grads(loss_fn, state["params"], batch, jax.random.fold_in(rng, i), microbatches)
+    with jax.named_scope("grad_reduce_scatter"):
+      g = Flat(*(jax.lax.psum_scatter(v, axes, tiled=True) / n for v in layout.ravel(grads_)))
+      aux = jax.lax.pmean(aux, axes)
+    aux["grad_norm"] = jnp.sqrt(jax.lax.psum(optax.tree.norm(g, squared=True), axes))
+    params = Flat(*(jax.lax.dynamic_slice_in_dim(v, i * (v.size // n), v.size // n)
+                    for v in layout.ravel(state["params"])))
+    updates, opt_state = tx.update(g, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    with jax.named_scope("param_all_gather"):
+      params = Flat(*(jax.lax.all_gather(v, axes, tiled=True) for v in params))
+    return {"params": layout.unravel(params), "opt_state": opt_state}, aux
+
+  spec = lambda x: P(axes) if x.ndim else P()
+  state_specs = {"params": P(), "opt_state": jax.tree.map(spec, state["opt_state"])}
+  # check_vma=False as in `_flat_allreduce`: the collectives are written out.
+  return jax.shard_map(local, mesh=mesh, in_specs=(state_specs, P(axes), P()),
+                       out_specs=(state_specs, P()), check_vma=False)(state, batch, rng)
+
+
 def check_grad_allreduce(train_cfg, mesh) -> None:
   """train.grad_allreduce names a known way, and `flat` gets a data-parallel mesh."""
   how = train_cfg.grad_allreduce
   if how not in GRAD_ALLREDUCES:
     raise ConfigError(f"train.grad_allreduce={how!r}: expected one of {GRAD_ALLREDUCES}")
-  if how == "flat" and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
+  if how != "per_param" and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
     raise ConfigError(
-        f"train.grad_allreduce=flat needs parameters replicated on every device, but the mesh "
+        f"train.grad_allreduce={how} needs parameters replicated on every device, but the mesh "
         f"{dict(mesh.shape)} splits them: use mesh.fsdp=1 and mesh.tensor=1, or "
         f"train.grad_allreduce=per_param.")
+  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  if how == "reduce_scatter" and FLAT_PAD % shards:
+    raise ConfigError(
+        f"train.grad_allreduce=reduce_scatter splits the optimizer over the {shards} batch "
+        f"shards of the mesh {dict(mesh.shape)}, which must divide {FLAT_PAD}: use a power of "
+        f"two, or train.grad_allreduce=flat.")
 
 
 def update(tx: optax.GradientTransformation, state: dict, loss_fn, batch: dict, rng,
-           train_cfg, mesh):
+           train_cfg, mesh, decay_mask=None):
   """One step of `tx` on state {"params", "opt_state"} down the gradient of `loss_fn`.
 
   loss_fn(params, batch, rng) -> (loss, metrics), as for `grads`; `train_cfg`
   (config.train) gives `microbatches` and `grad_allreduce`, and `mesh` the
   devices that `flat` averages over. Returns the new state and the metrics,
   with the gradient's global norm as `grad_norm`.
+
+  train.grad_allreduce=reduce_scatter (ZeRO stage 1): each device computes
+  the gradient of its rows as for `flat`, the gradients are summed with one
+  reduce-scatter of the two `Flat` vectors, each device runs `tx` on its
+  1/n of them with its 1/n of the optimizer state (from `init`, which
+  `decay_mask` must match), and one all-gather returns the new parameters:
+  the optimizer's memory and work are split over the devices instead of
+  repeated on each.
   """
+  if train_cfg.grad_allreduce == "reduce_scatter":
+    return _sharded_update(tx, state, loss_fn, batch, rng, train_cfg.microbatches, mesh,
+                           decay_mask)
   flat_over = mesh if train_cfg.grad_allreduce == "flat" else None
   grads_, metrics = grads(loss_fn, state["params"], batch, rng, train_cfg.microbatches, flat_over)
   updates, opt_state = tx.update(grads_, state["opt_state"], state["params"])

@@ -16,6 +16,9 @@ from genflax.errors import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# The logical axis of the flat optimizer vectors that
+# train.grad_allreduce=reduce_scatter splits over the batch axes.
+OPT_SHARD = "optimizer_shard"
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -66,7 +69,8 @@ def state_shardings(abstract_state, mesh: Mesh, rules):
   mesh axis), all other leaves are replicated.
   """
   logical = nn.get_partition_spec(abstract_state)
-  return nn.logical_to_mesh_sharding(logical, mesh, tuple(map(tuple, rules)))
+  rules = (*map(tuple, rules), (OPT_SHARD, BATCH_AXES))
+  return nn.logical_to_mesh_sharding(logical, mesh, rules)
 
 
 def put_batch(batch: dict, sharding: NamedSharding) -> dict:

@@ -35,7 +35,8 @@ def test_profile_steps_write_a_trace(tmp_path):
 
 
 def test_profile_ops_splits_the_step_into_phases_and_kinds():
-  config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 2})
+  config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 2,
+                                                       "train.grad_allreduce": "flat"})
   result = profile_ops.profile(config, steps=2, warmup=1)
   by_class = result["by_class"]
   for phase in ("forward", "backward"):
@@ -48,6 +49,16 @@ def test_profile_ops_splits_the_step_into_phases_and_kinds():
   assert sum(by_class.values()) == pytest.approx(result["ms_per_step"])
   assert any("blockN/mlp_in/dot_general" in where for _, where in result["by_op"])
   assert "| backward | dot/conv |" in profile_ops.report(result)
+  # ZeRO stage 1: the gradients' reduce-scatter in the backward pass, the
+  # parameters' all-gather after the update.
+  config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 2,
+                                                       "train.grad_allreduce": "reduce_scatter"})
+  by_op = profile_ops.profile(config, steps=2, warmup=1)["by_op"]
+  kinds = {kind.replace("_", "-"): where for kind, where in by_op if "shard_map/" in where
+           and profile_ops.classify(kind, where)[1] == "collective"}
+  assert "grad_reduce_scatter" in kinds["reduce-scatter"] and "param_all_gather" in kinds["all-gather"]
+  assert profile_ops.classify("reduce_scatter", kinds["reduce-scatter"]) == ("backward", "collective")
+  assert profile_ops.classify("all_gather", kinds["all-gather"]) == ("update and other", "collective")
 
 
 def test_allreduce_benchmark_times_each_buffer_count(capsys, monkeypatch):

@@ -281,6 +281,41 @@ def test_flat_allreduce_step_equals_the_one_device_step():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                got["params"], want["params"])
 
+def test_reduce_scatter_step_equals_the_one_device_step():
+  """train.grad_allreduce=reduce_scatter over 8 devices, 2 microbatches: the
+  optimizer state split 8 ways, one reduce-scatter in and one all-gather
+  out, and the one-device update, clipping at the global norm included."""
+  setup, _ = _setup()
+  rs_setup, _ = _setup(**{"mesh.data": 8, "train.grad_allreduce": "reduce_scatter",
+                          "train.microbatches": 2})
+  mesh = rs_setup.mesh
+  init, _, shardings = trainer.state_layout(lm, rs_setup, mesh)
+  adam = shardings["task"]["opt_state"][1][0]
+  assert adam.mu.decay.spec == P(("data", "fsdp")) and adam.count.spec == P()
+  batch = {"tokens": lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]}
+  step = jax.jit(functools.partial(lm.train_step, rs_setup),
+                 in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
+  args = (jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))["task"],
+          sharding.put_batch(batch, sharding.batch_sharding(mesh)), jax.random.PRNGKey(1))
+  hlo = step.lower(*args).compile().as_text()
+  got, got_metrics = step(*args)
+  mu = got["opt_state"][1][0].mu.decay
+  assert {s.data.shape for s in mu.addressable_shards} == {(mu.shape[0] // 8,)}
+  want_state = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))
+  want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
+      want_state, batch, jax.random.PRNGKey(1))
+  assert float(want_metrics["grad_norm"]) > setup.config.optim.grad_clip  # clipping acts
+  assert float(got_metrics["grad_norm"]) == pytest.approx(float(want_metrics["grad_norm"]), rel=1e-4)
+  assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               got["params"], want["params"])
+  # The decayed and the other parameters: a reduce-scatter and an all-gather
+  # each (XLA may merge the two of a kind); all-reduces only of scalars.
+  assert 1 <= hlo.count(" reduce-scatter(") <= 2 and 1 <= hlo.count(" all-gather(") <= 2
+  reduced = re.findall(r"= \(?([^=]*?)\)? all-reduce\(", hlo)
+  assert reduced and all(re.fullmatch(r"(f32\[\](\{\})?,? ?)+", r.strip()) for r in reduced), reduced
+
+
 # ---- Training, and sampling from a trained run
 
 def test_loss_goes_down_on_a_short_run():

@@ -242,11 +242,13 @@ def test_two_processes_train_like_one(tmp_path):
   assert two_results["neg_elbo"] == pytest.approx(one_results["neg_elbo"], rel=1e-5)
 
 
-def test_two_processes_with_the_flat_allreduce_train_like_one(tmp_path):
-  """train.grad_allreduce=flat across processes (gloo): one all-reduce per
-  step, the same shards, so the same randomness, as one process with 4 devices."""
+@pytest.mark.parametrize("how", ["flat", "reduce_scatter"])
+def test_two_processes_with_one_flat_collective_train_like_one(tmp_path, how):
+  """train.grad_allreduce=flat|reduce_scatter across processes (gloo): the
+  gradient as one buffer per step, the same shards, so the same randomness,
+  as one process with 4 devices."""
   args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=100",
-          "--config.train.eval_every_steps=1000", "--config.train.grad_allreduce=flat"]
+          "--config.train.eval_every_steps=1000", f"--config.train.grad_allreduce={how}"]
   procs = _launch_two(args, tmp_path / "two")
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
@@ -323,5 +325,25 @@ def test_flat_allreduce_needs_replicated_parameters():
     trainer.check_step(config, sharding.make_mesh(config.mesh))
   config = helpers.config("vae_digits", **{"train.grad_allreduce": "ring"})
   with pytest.raises(ConfigError, match=r"train.grad_allreduce='ring': expected one of "
-                                        r"\('per_param', 'flat'\)"):
+                                        r"\('per_param', 'flat', 'reduce_scatter'\)"):
     trainer.check_step(config, sharding.make_mesh(config.mesh))
+  config = helpers.config("vae_digits", **{"train.grad_allreduce": "reduce_scatter",
+                                           "mesh.data": 3})
+  with pytest.raises(ConfigError, match=r"over the 3 batch shards .* which must divide 1024"):
+    trainer.check_step(config, sharding.make_mesh(config.mesh))
+
+
+def test_reduce_scatter_runs_resume_like_uninterrupted_ones(tmp_path):
+  """train.grad_allreduce=reduce_scatter on 8 devices: the optimizer state is
+  split over them, checkpointed and restored so; 8 + 8 steps equal 16."""
+  overrides = {"train.grad_allreduce": "reduce_scatter", "mesh.data": 8,
+               "train.eval_every_steps": 1000, "train.ckpt_every_steps": 8,
+               "optim.schedule": "constant"}  # the same learning rates whatever num_steps is
+  trainer.train(helpers.config("vae_digits", **overrides, **{"train.num_steps": 16}),
+                str(tmp_path / "straight"))
+  resumed = str(tmp_path / "resumed")
+  trainer.train(helpers.config("vae_digits", **overrides, **{"train.num_steps": 8}), resumed)
+  trainer.train(helpers.config("vae_digits", **overrides, **{"train.num_steps": 16}), resumed)
+  (step, want), (_, got) = _params(str(tmp_path / "straight")), _params(resumed)
+  assert step == 16
+  jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -128,7 +128,8 @@ def decay_mask(params):
 def init(setup: Setup, rng) -> dict:
   tokens = jnp.zeros((1, setup.info.context), jnp.int32)
   params = setup.model.init(rng, tokens)["params"]  # boxed with logical axis names
-  return {"params": params, "opt_state": setup.tx.init(params)}
+  return {"params": params,
+          "opt_state": optim.init(setup.tx, params, setup.config.train, decay_mask)}
 
 
 def learning_rates(setup: Setup, step: int) -> dict:
@@ -166,7 +167,7 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
     loss = window_loss(logits, tokens).mean()
     return loss, {"loss": loss}
 
-  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train, setup.mesh)
+  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train, setup.mesh, decay_mask)
 
 
 def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:

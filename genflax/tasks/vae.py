@@ -141,7 +141,8 @@ def build(config, info) -> Setup:
 def init(setup: Setup, rng) -> dict:
   x = jnp.zeros((1, *setup.info.image_shape))
   params = setup.model.init(rng, x, one_hot(setup, jnp.zeros((1,), jnp.int32)), rng)["params"]
-  return {"params": params, "opt_state": setup.tx.init(params)}
+  return {"params": params,
+          "opt_state": optim.init(setup.tx, params, setup.config.train)}
 
 
 def learning_rates(setup: Setup, step: int) -> dict:
