@@ -25,11 +25,15 @@ run cgan --config configs/cgan_digits.py --steps 100
 run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 200
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev \
     --config configs/lm_shakespeare.py:nano --steps 200 mesh.data=2
+XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev_flat \
+    --config configs/lm_shakespeare.py:nano --steps 200 mesh.data=2 train.grad_allreduce=flat
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev_per_param \
     --config configs/lm_shakespeare.py:nano --steps 200 mesh.data=2 train.grad_allreduce=per_param
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev_xla_grads \
     --config configs/lm_shakespeare.py:nano --steps 200 mesh.data=2 model.dense_grads=xla
 run2 lm_nano_2proc --config configs/lm_shakespeare.py:nano --steps 100 mesh.data=2
+run2 lm_nano_2proc_flat --config configs/lm_shakespeare.py:nano --steps 100 mesh.data=2 \
+    train.grad_allreduce=flat
 run2 lm_nano_2proc_per_param --config configs/lm_shakespeare.py:nano --steps 20 mesh.data=2 \
     train.grad_allreduce=per_param
 run lm_baby_1dev --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1
