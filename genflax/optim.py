@@ -122,7 +122,8 @@ class _FlatLayout:
     else:  # a bool per parameter, or a function of the parameters giving them
       decays = jax.tree.leaves(decay_mask(params) if callable(decay_mask) else decay_mask)
     self.shapes = [x.shape for x in leaves]
-    self.groups = ([i for i, d in enumerate(decays) if d], [i for i, d in enumerate(decays) if not d])
+    self.groups = ([i for i, d in enumerate(decays) if d],       # Flat.decay
+                   [i for i, d in enumerate(decays) if not d])   # Flat.keep
     self.sizes = [sum(math.prod(self.shapes[i]) for i in g) for g in self.groups]
     self.padded = [max(1, -(-n // FLAT_PAD)) * FLAT_PAD for n in self.sizes]
 

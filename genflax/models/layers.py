@@ -14,13 +14,16 @@ whose matmuls take transposed operands for free, keep XLA's.
 import jax
 import jax.numpy as jnp
 
+from genflax.errors import ConfigError
+
 DENSE_GRADS = ("auto", "xla", "row_major")
 
 
 def dense_grads(kind: str) -> str:
-  """"xla" or "row_major" for one of DENSE_GRADS ("auto": row_major on CPU)."""
+  """"xla" or "row_major" for config.model.dense_grads, one of DENSE_GRADS
+  ("auto": row_major on CPU)."""
   if kind not in DENSE_GRADS:
-    raise ValueError(f"dense gradients {kind!r}: expected one of {DENSE_GRADS}")
+    raise ConfigError(f"model.dense_grads={kind!r}: expected one of {DENSE_GRADS}")
   if kind == "auto":
     return "row_major" if jax.default_backend() == "cpu" else "xla"
   return kind

@@ -108,10 +108,8 @@ def build(config, info: TextInfo) -> Setup:
     raise ConfigError(f"model.norm={m.norm!r}: expected one of {transformer.NORMS}")
   if m.attention not in transformer.ATTENTIONS:
     raise ConfigError(f"model.attention={m.attention!r}: expected one of {transformer.ATTENTIONS}")
-  if m.dense_grads not in layers.DENSE_GRADS:
-    raise ConfigError(f"model.dense_grads={m.dense_grads!r}: expected one of {layers.DENSE_GRADS}")
   model = Transformer(info.tokenizer.vocab_size, variant(config), m.positions, m.norm,
-                      m.tie_embeddings, m.dropout, m.attention, m.dense_grads)
+                      m.tie_embeddings, m.dropout, m.attention, layers.dense_grads(m.dense_grads))
   steps = config.train.num_steps
   return Setup(config, info, model, optim.build(config.optim, steps, decay_mask),
                optim.schedule(config.optim, steps), sharding.make_mesh(config.mesh))
@@ -167,7 +165,8 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
     loss = window_loss(logits, tokens).mean()
     return loss, {"loss": loss}
 
-  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train, setup.mesh, decay_mask)
+  return optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train, setup.mesh,
+                      decay_mask)
 
 
 def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:

@@ -129,11 +129,10 @@ def build(config, info) -> Setup:
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   outputs = 2 if m.likelihood == "discretized_gaussian" else 1
-  if m.dense_grads not in layers.DENSE_GRADS:
-    raise ConfigError(f"model.dense_grads={m.dense_grads!r}: expected one of {layers.DENSE_GRADS}")
-  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim, m.dense_grads),
+  grads = layers.dense_grads(m.dense_grads)
+  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim, grads),
               Decoder(m.arch, tuple(m.hidden), tuple(m.channels), info.image_shape, outputs,
-                      m.dense_grads))
+                      grads))
   return Setup(config, info, model, optim.build(config.optim, config.train.num_steps),
                optim.schedule(config.optim, config.train.num_steps), sharding.make_mesh(config.mesh))
 
