@@ -9,7 +9,8 @@ COLUMNS = [("run", "command_config"), ("processes", "processes"), ("devices", "d
            ("compile s", "compile_s"), ("step ms (p10-p90)", None), ("examples/s", "examples_per_s"),
            ("GFLOP/step model / XLA", None), ("peak GFLOP/s", "peak_matmul_gflops_per_s"),
            ("MFU", "mfu"), ("input share", "input_share_of_step"),
-           ("loop waits on input", "loop_time_waiting_on_input"), ("host MB", "peak_host_mem_mb")]
+           ("loop waits on input", "loop_time_waiting_on_input"), ("host MB", "peak_host_mem_mb"),
+           ("KV-cache decode tokens/s (vs recompute)", None)]
 
 
 def row(r: dict) -> str:
@@ -19,6 +20,9 @@ def row(r: dict) -> str:
       cells.append(f"{r['step_ms_median']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})")
     elif title.startswith("GFLOP/step"):
       cells.append(f"{r['model_gflops_per_step']:.3g} / {r['xla_gflops_per_step']:.3g}")
+    elif title.startswith("KV-cache"):
+      cells.append(f"{r['decode_tokens_per_s_cached']:,.0f} / {r['decode_tokens_per_s_recompute']:,.0f}"
+                   f" ({r['decode_speedup']:.1f}x)" if "decode_speedup" in r else "-")
     elif key in ("mfu", "input_share_of_step", "loop_time_waiting_on_input"):
       cells.append(f"{100 * r[key]:.1f}%")
     elif isinstance(r.get(key), float):

@@ -26,6 +26,7 @@ def test_hot_loop_reports_and_flops_match_xla(name, arg):
     assert results["tokens_per_s"] == pytest.approx(results["examples_per_s"] * 64)
     # Even at nano size the cache saves most of the work over 256 tokens.
     assert results["decode_speedup"] > 2
+    assert results["decode_rounds"] >= 3
 
 
 def test_profile_steps_write_a_trace(tmp_path):
