@@ -60,9 +60,10 @@ def measured_peak(sizes) -> float:
 
 def decode_speed(setup, params, num_new: int = 256, batch: int = 1, rounds: int = 10,
                  budget_s: float = 10.0) -> dict:
-  """LM only: new tokens/s with the KV cache against recomputing the window each token.
+  """LM only: new tokens/s with the KV cache against recomputing the window each token,
+  and of `weight_matvecs`, the floor under the cached step.
 
-  The two are timed in alternation, round after round, and each keeps its
+  The three are timed in alternation, round after round, and each keeps its
   best round: on this shared machine single runs of a few ms vary by 10-30%,
   and alternating puts a slow moment on both sides. At least 3 rounds, at
   most `rounds`, stopping after `budget_s` seconds.
@@ -88,7 +89,8 @@ def decode_speed(setup, params, num_new: int = 256, batch: int = 1, rounds: int 
 
   fns = {"cached": lambda: lm.generate_tokens(setup, params, prompt, num_new,
                                               jax.random.PRNGKey(0), 0.0, 0, 1.0),
-         "recompute": lambda: recompute(prompt, num_new)}
+         "recompute": lambda: recompute(prompt, num_new),
+         "matvecs": functools.partial(weight_matvecs, params, batch, num_new)}
   outputs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()}  # compile
   # Both decode greedily from the same prompt and see the same tokens until
   # the cache first fills (T - 1 new tokens; after that the cache restarts
@@ -110,7 +112,33 @@ def decode_speed(setup, params, num_new: int = 256, batch: int = 1, rounds: int 
           "decode_tokens_per_s_cached": batch * num_new / best["cached"],
           "decode_tokens_per_s_recompute": batch * num_new / best["recompute"],
           "decode_speedup": best["recompute"] / best["cached"],
+          "decode_tokens_per_s_matvecs_only": batch * num_new / best["matvecs"],
           "decode_agree_first_window": agree}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def weight_matvecs(params, batch: int, num_new: int):
+  """The floor under cached decoding: each new token's matmuls with the weights alone.
+
+  Per token, every block's query, key, value, output and MLP kernels and
+  then the output projection multiply a [batch, D] activation that depends
+  on the last token's (so nothing is hoisted out of the loop); no attention
+  over the cache, norms, biases or sampling. On CPU these one-row matmuls
+  stream every weight once per token, so the cached step cannot beat this.
+  """
+  blocks = [params[name] for name in sorted((k for k in params if k.startswith("block")),
+                                            key=lambda k: int(k.removeprefix("block")))]
+  head = params["head"]["kernel"] if "head" in params else params["embed"]["embedding"].T
+
+  def step(x, _):                                                  # x [B, D]
+    for blk in blocks:
+      a = blk["attn"]
+      h = sum(jnp.einsum("bd,dhk->bhk", x, a[name]) for name in ("query", "key", "value"))
+      x = jnp.tanh(jnp.einsum("bhk,hkd->bd", h, a["out"]))        # tanh keeps x bounded
+      x = jnp.tanh(x @ blk["mlp_in"]["kernel"]) @ blk["mlp_out"]["kernel"]
+    return jnp.tanh(x + (x @ head)[:, :1]), None
+
+  return jax.lax.scan(step, jnp.ones((batch, head.shape[0])), None, length=num_new)[0]
 
 
 def percentile(values, q):
