@@ -85,11 +85,11 @@ def cached_attention(q, k, v, mask):
   """Softmax attention over a heads-first cache: q [N, T, K], k and v [N, S, K]
   with N = B*H, mask [T, S] -> [N, T, K].
 
-  The KV cache's layout. With the cache as [B, S, H, K] XLA:CPU copied it
-  into [H, K, S] for both dots at every new token, and with [B, H, S, K]
-  (a unit batch axis) it copied the whole cache at the top of the decode
-  loop; with one leading N axis it does neither, and nano's cached greedy
-  decoding ran 18% faster (benchmarks/README.md).
+  Why this layout: with the cache as [B, S, H, K] XLA:CPU copied it into
+  [H, K, S] for both dots at every new token, and with [B, H, S, K] (a unit
+  batch axis) it copied the whole cache at the top of the decode loop; with
+  one leading N axis it does neither, and nano's cached greedy decoding
+  made 15-36% more tokens/s (benchmarks/README.md).
   """
   scores = jnp.einsum("ntk,nsk->nts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
