@@ -274,6 +274,23 @@ def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
 
 
 
+def test_sampling_on_a_sharded_mesh_picks_the_one_device_tokens():
+  """Greedy decoding past the context (cache restarts) with parameters split
+  over (data 2, fsdp 2, tensor 2): the cache folds the tensor-sharded heads
+  into its leading axis, and the tokens are the one-device ones."""
+  setup, _ = _setup()
+  sharded_setup, _ = _setup(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  init, _, shardings = trainer.state_layout(lm, sharded_setup, sharded_setup.mesh)
+  sharded = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))["task"]["params"]
+  assert sharded["block0"]["attn"]["key"].sharding.spec == P("fsdp", "tensor", None)
+  params = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))["params"]
+  prompts = jnp.asarray(lm.encode_prompts(setup, ["To be", "or not to"])[0])
+  args = (prompts, 40, jax.random.PRNGKey(3), 0.0, 0, 1.0)  # 40 new tokens, context 16
+  want = lm.generate_tokens(setup, params, *args)
+  np.testing.assert_array_equal(lm.generate_tokens(sharded_setup, sharded, *args), want)
+  assert len(set(np.asarray(want)[0, -40:].tolist())) > 1  # not one repeated token
+
+
 def test_flat_allreduce_step_equals_the_one_device_step():
   """train.grad_allreduce=flat over 8 devices, 2 microbatches: the model runs
   inside shard_map without its layout constraints, and the update is the
