@@ -145,15 +145,17 @@ def percentile(values, q):
   return float(np.percentile(np.asarray(values), q))
 
 
-def build(config):
-  """The trainer's compiled step for `config`: (task, setup, info, feed, state, train_step, traces)."""
-  run = trainer.build(config, "/tmp/genflax_benchmark")
-  state = jax.jit(run.init, out_shardings=run.state_sh)(jax.random.PRNGKey(config.seed))
-  return run.task, run.setup, run.info, run.feed, state, run.train_step, run.traces
+def build(config) -> tuple[trainer.Run, dict]:
+  """What the trainer builds for `config` (its data, setup and compiled step), and the
+  initial state."""
+  built = trainer.build(config, "/tmp/genflax_benchmark")
+  return built, jax.jit(built.init, out_shardings=built.state_sh)(jax.random.PRNGKey(config.seed))
 
 
 def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
-  task, setup, info, feed, state, train_step, traces = build(config)
+  built, state = build(config)
+  task, setup, info, feed, train_step = (built.task, built.setup, built.info, built.feed,
+                                         built.train_step)
   mesh = feed.batch_sharding.mesh
 
   t = time.perf_counter()
@@ -240,7 +242,7 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
       "loop_time_waiting_on_input": max(0.0, 1 - loop_steps_per_s / placed_steps_per_s),
       "peak_host_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "peak_device_mem_mb": device_mem.get("peak_bytes_in_use", float("nan")) / 2**20,
-      "train_step_traces": traces[0],
+      "train_step_traces": built.traces[0],
       **extras,
   }
 

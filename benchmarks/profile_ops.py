@@ -71,7 +71,8 @@ def device_op_times(trace_dir: str, device: str = "0") -> collections.Counter:
 
 
 def profile(config, steps: int = 3, warmup: int = 3) -> dict:
-  _, _, _, feed, state, train_step, _ = hot_loop.build(config)
+  built, state = hot_loop.build(config)
+  feed, train_step = built.feed, built.train_step
   hlo = train_step.lower(state, feed.inputs(0)).compile().as_text()
   for i in range(warmup):
     state, _ = train_step(state, feed.inputs(i))
