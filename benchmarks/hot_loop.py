@@ -90,7 +90,8 @@ def decode_speed(setup, params, num_new: int = 256, batch: int = 1, rounds: int 
   fns = {"cached": lambda: lm.generate_tokens(setup, params, prompt, num_new,
                                               jax.random.PRNGKey(0), 0.0, 0, 1.0),
          "recompute": lambda: recompute(prompt, num_new),
-         "matvecs": functools.partial(weight_matvecs, params, batch, num_new)}
+         "matvecs": functools.partial(weight_matvecs, params, setup.model.variant.num_layers,
+                                      batch, num_new)}
   outputs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()}  # compile
   # Both decode greedily from the same prompt and see the same tokens until
   # the cache first fills (T - 1 new tokens; after that the cache restarts
@@ -116,8 +117,8 @@ def decode_speed(setup, params, num_new: int = 256, batch: int = 1, rounds: int 
           "decode_agree_first_window": agree}
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def weight_matvecs(params, batch: int, num_new: int):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def weight_matvecs(params, num_layers: int, batch: int, num_new: int):
   """The floor under cached decoding: each new token's matmuls with the weights alone.
 
   Per token, every block's query, key, value, output and MLP kernels and
@@ -126,8 +127,7 @@ def weight_matvecs(params, batch: int, num_new: int):
   over the cache, norms, biases or sampling. On CPU these one-row matmuls
   stream every weight once per token, so the cached step cannot beat this.
   """
-  blocks = [params[name] for name in sorted((k for k in params if k.startswith("block")),
-                                            key=lambda k: int(k.removeprefix("block")))]
+  blocks = [params[f"block{i}"] for i in range(num_layers)]
   head = params["head"]["kernel"] if "head" in params else params["embed"]["embedding"].T
 
   def step(x, _):                                                  # x [B, D]
