@@ -375,6 +375,7 @@ def test_smoke_run_reports_perplexity_and_bits(smoke_run):
   assert results["step"] == 12 and results["train_step_traces"] == 1
   assert results["perplexity"] == pytest.approx(np.exp(results["loss"]), rel=1e-6)
   assert results["bits_per_char"] == pytest.approx(results["loss"] / np.log(2), rel=1e-6)
+  assert 0 < results["bits_per_byte"] <= results["bits_per_char"]  # no fewer bytes than chars
   assert os.path.exists(os.path.join(workdir, "tokenizer", "chars.json"))
   events = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"))
   events.Reload()
@@ -393,10 +394,10 @@ def test_sample_cli_continues_several_prompts(smoke_run):
   assert texts[0].startswith("0\nROMEO:") and texts[1].startswith("1\nJULIET\nO")
 
 
-def test_sentencepiece_datasets_measure_bits_per_byte(tmp_path):
+def test_sentencepiece_datasets_measure_tokens_per_char_and_byte(tmp_path):
   config = helpers.config("lm_shakespeare", "spm,smoke")
   train, test, info = lm.datasets(config, str(tmp_path))
-  assert info.unit == "byte" and 0.2 < info.tokens_per_unit < 0.8
+  assert 0.2 < info.tokens_per_byte <= info.tokens_per_char < 0.8
   assert train["tokens"].shape[1] == 17 and test["tokens"].shape == (64, 17)
   assert train["tokens"].max() < info.tokenizer.vocab_size == 400
   assert os.path.exists(tmp_path / "tokenizer" / "spm.model")

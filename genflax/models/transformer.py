@@ -20,6 +20,7 @@ XLA:CPU then reads it in the decode loop without copying it (see
 `cached_attention`).
 """
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -46,6 +47,24 @@ VARIANTS = {
     "baby": Variant(num_layers=6, num_heads=6, width=384, context=256),
     "tiny": Variant(num_layers=2, num_heads=2, width=32, context=16),  # tests
 }
+# Sizes written out, for scaling studies: L<layers>-D<width>[-H<heads>][-T<context>],
+# heads defaulting to one per 32 widths, context to nano's 64.
+_SPEC = re.compile(r"L(\d+)-D(\d+)(?:-H(\d+))?(?:-T(\d+))?")
+
+
+def get_variant(name: str) -> Variant | None:
+  """A row of VARIANTS, or the size a spec like "L4-D128" (or "L6-D384-H6-T256") writes
+  out; None if `name` is neither."""
+  if name in VARIANTS:
+    return VARIANTS[name]
+  m = _SPEC.fullmatch(name)
+  if not m:
+    return None
+  layers, width = int(m[1]), int(m[2])
+  heads = int(m[3]) if m[3] else max(width // 32, 1)
+  if not (layers and width and heads) or width % heads or (width // heads) % 2:
+    return None  # rotary positions rotate pairs: an even width per head
+  return Variant(layers, heads, width, int(m[4]) if m[4] else 64)
 
 
 def dense(features: int, names, name: str, use_bias=True, grads="xla"):

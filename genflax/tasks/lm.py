@@ -7,8 +7,8 @@ Data: the token stream of each split is cut into windows of T + 1 tokens
 that overlap by one, so every token after the first is a target exactly
 once. Evaluation runs over all validation windows (or, with
 `eval.num_windows`, a fixed seeded subset of them) and reports the mean
-next-token loss in nats, its perplexity, and bits per character (char
-tokenizer) or per UTF-8 byte (sentencepiece) of the predicted text.
+next-token loss in nats, its perplexity, and bits per character and per
+UTF-8 byte of the predicted text (which compare across tokenizers).
 
 Sampling keeps a KV cache of T positions: one prefill of the prompt, then a
 `lax.scan` of one-token steps. When the cache is full, the last T/2 tokens
@@ -44,14 +44,14 @@ class TextInfo:
   num_val_tokens: int
   num_train_windows: int
   num_eval_windows: int
-  unit: str                  # "char" or "byte": what bits are reported per
-  tokens_per_unit: float     # over the evaluated targets
+  tokens_per_char: float     # over the evaluated targets
+  tokens_per_byte: float     # of their UTF-8 encoding
 
   def __str__(self):
     return (f"{self.name} ({self.tokenizer.kind} tokens, vocabulary {self.tokenizer.vocab_size}; "
             f"{self.num_train_tokens:,} train / {self.num_val_tokens:,} validation tokens; "
             f"{self.num_train_windows:,} train / {self.num_eval_windows:,} eval windows of "
-            f"{self.context}+1; {1 / self.tokens_per_unit:.3f} {self.unit}s per token)")
+            f"{self.context}+1; {1 / self.tokens_per_char:.3f} chars per token)")
 
 
 def windows(ids: np.ndarray, t: int) -> np.ndarray:
@@ -73,11 +73,10 @@ def datasets(config, workdir: str):
     rows = np.random.default_rng(config.seed).choice(len(test), config.eval.num_windows,
                                                      replace=False)
     test = test[np.sort(rows)]
-  unit = "char" if tok.kind == "char" else "byte"
   targets = "".join(tok.decode(w[1:]) for w in test)
-  units = len(targets) if unit == "char" else len(targets.encode("utf-8"))
+  n = test[:, 1:].size
   info = TextInfo(config.data.name, tok, t, len(train_ids), len(val_ids), len(train), len(test),
-                  unit, test[:, 1:].size / units)
+                  n / len(targets), n / len(targets.encode("utf-8")))
   return {"tokens": train}, {"tokens": test}, info
 
 
@@ -95,9 +94,12 @@ class Setup:
 
 def variant(config) -> transformer.Variant:
   name = config.model.variant
-  if name not in transformer.VARIANTS:
-    raise ConfigError(f"model.variant={name!r}: expected one of {sorted(transformer.VARIANTS)}")
-  return transformer.VARIANTS[name]
+  v = transformer.get_variant(name)
+  if v is None:
+    raise ConfigError(f"model.variant={name!r}: expected one of {sorted(transformer.VARIANTS)} "
+                      "or a size L<layers>-D<width>[-H<heads>][-T<context>], e.g. L4-D128, "
+                      "with width a multiple of heads and an even width per head")
+  return v
 
 
 def build(config, info: TextInfo) -> Setup:
@@ -170,13 +172,14 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
 
 
 def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
-  """Per window: loss (nats per token) and bits per char or byte [B]."""
+  """Per window: loss (nats per token), bits per character and per byte [B]."""
   del rng, final  # evaluation is deterministic
   tokens = batch["tokens"]
   loss = window_loss(apply_on_mesh(setup, state["params"], tokens[:, :-1]), tokens)
   # Windows hold equal numbers of targets, so means over windows are exact.
-  return {"loss": loss,
-          f"bits_per_{setup.info.unit}": loss / math.log(2) * setup.info.tokens_per_unit}
+  bits = loss / math.log(2)
+  return {"loss": loss, "bits_per_char": bits * setup.info.tokens_per_char,
+          "bits_per_byte": bits * setup.info.tokens_per_byte}
 
 
 _eval_step = jax.jit(eval_step, static_argnums=(0, 4))
