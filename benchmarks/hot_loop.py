@@ -32,7 +32,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from genflax import main as genflax_main, trainer
+from genflax import configfile, main as genflax_main, trainer
 from genflax.models import layers
 
 
@@ -255,7 +255,7 @@ def markdown(results: dict) -> str:
 
 def load_config(config_file: str, overrides: list[str]):
   """configs/X.py[:arg] with key=value overrides (values as Python literals, else strings)."""
-  config = genflax_main.load_config(config_file)
+  config = configfile.load_config(config_file)
   for item in overrides:
     key, _, value = item.partition("=")
     *path, last = key.split(".")

@@ -9,6 +9,11 @@ penalty 10, 5 critic steps), `r1` (R1 penalty, lazy every 4 steps), `sn`
 (spectral normalisation in D), `smoke` (seconds, for tests).
 Evaluation (FID, KID, IS, precision/recall) uses a classifier trained once
 per dataset and kept in the data dir: see genflax/tasks/gan_eval.py.
+
+Sweeps (`python -m genflax.sweep --config configs/gan_digits.py --sweep NAME
+--workdir DIR`): `loss_reg`, FID by loss (ns / hinge / WGAN-GP) and
+regulariser (none / R1 / spectral norm) over three seeds
+(experiments/sweep_gan_digits).
 """
 import ml_collections
 
@@ -63,3 +68,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.loss.update(r1_gamma=c.loss.r1_gamma or 1.0, r1_every=2)  # exercise the lazy branch
     c.eval.update(fid_samples=64, final_fid_samples=120)
   return c
+
+
+SWEEPS = {
+    # Variant axes: "" keeps the default (the non-saturating loss, no regulariser).
+    "loss_reg": dict(params={":loss": ["", "hinge", "wgan"], ":reg": ["", "r1", "sn"],
+                             "seed": [0, 1, 2]},
+                     metric="fid"),
+}
+
+
+def get_sweep(name: str) -> dict:
+  return SWEEPS[name]

@@ -8,6 +8,11 @@ heads, 128 wide, context 64; a few minutes on 2 CPU cores), `baby` (6x6x384,
 context 256, dropout 0.2: hours on CPU), `spm` (sentencepiece subwords
 instead of characters, vocabulary 1024), `rotary` (rotary instead of
 learned positions), `smoke` (seconds, for tests).
+
+Sweeps (`python -m genflax.sweep --config configs/lm_shakespeare.py --sweep NAME
+--workdir DIR`): `scaling`, validation loss against model size at nano's
+budget of tokens (2,000 steps of 12 x 64); `tokens`, characters against
+sentencepiece subwords in bits per character (experiments/sweep_lm_shakespeare).
 """
 import ml_collections
 
@@ -22,7 +27,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       vocab_size=0,                # sentencepiece only
   ))
   c.model = ml_collections.ConfigDict(dict(
-      variant="nano",              # a row of genflax.models.transformer.VARIANTS
+      variant="nano",              # a row of genflax.models.transformer.VARIANTS, or L4-D128 (layers, width)
       positions="learned",         # learned | rotary
       norm="layernorm",            # layernorm | rmsnorm
       tie_embeddings=True,
@@ -79,3 +84,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if c.tokenizer.kind == "sentencepiece":
       c.tokenizer.vocab_size = 400
   return c
+
+
+SWEEPS = {
+    # Depth x width at a fixed number of training tokens (steps, batch and
+    # context stay nano's): a small scaling study.
+    "scaling": dict(
+        params={"model.variant": [f"L{l}-D{d}" for l in (2, 4, 6) for d in (64, 128, 192)]},
+        metric="loss"),
+    "tokens": dict(params={":tokenizer": ["", "spm"], "seed": [0, 1]}, metric="bits_per_char"),
+}
+
+
+def get_sweep(name: str) -> dict:
+  return SWEEPS[name]

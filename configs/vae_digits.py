@@ -6,6 +6,11 @@
 Variants (the `:arg`): `conv` for the convolutional encoder/decoder, `smoke`
 for a seconds-long run with tiny networks (tests). Combine with commas:
 `:conv,smoke`.
+
+Sweeps (`python -m genflax.sweep --config configs/vae_digits.py --sweep NAME
+--workdir DIR`): `latent_beta`, the test IWAE bound against latent size and
+beta over two seeds (experiments/sweep_vae_digits); `lr`, a TPE search of
+the learning rate and widths.
 """
 import ml_collections
 
@@ -36,3 +41,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.update(hidden=(32,), channels=(8, 8), latent_dim=4)
     c.eval.update(iwae_k=4, final_iwae_k=8)
   return c
+
+
+SWEEPS = {
+    "latent_beta": dict(
+        params={"model.latent_dim": [2, 4, 8, 16, 32], "model.beta": [0.5, 1.0, 2.0],
+                "seed": [0, 1]},
+        metric="iwae_nll"),
+    "lr": dict(
+        params={"optim.lr": "loguniform(1e-4, 1e-2)", "model.hidden": [(128,), (256, 256), (512,)]},
+        metric="iwae_nll", sampler="tpe", trials=20),
+}
+
+
+def get_sweep(name: str) -> dict:
+  return SWEEPS[name]

@@ -4,15 +4,15 @@ Config values are overridden with `--config.a.b=value` (ml_collections
 config flags; the config is locked, so a misspelt key is an error). Bad
 input ends with one line on stderr that says what to fix, and status 2.
 """
-import difflib
-import importlib.util
 import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
+from genflax.configfile import check_key, flat_keys, load_config
 from genflax.errors import ConfigError, UserError
+from genflax.sweep import trial as sweep_trial
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/vae_digits.py:smoke.",
@@ -35,10 +35,7 @@ def parse(argv: list[str]):
   overrides = [a[len("--config."):].partition("=") for a in argv
                if a.startswith("--config.")]
   for key, _, _ in overrides:
-    if key not in keys:
-      close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-      hint = f"; did you mean {' or '.join(close)}?" if close else ""
-      raise ConfigError(f"unknown config key {key!r}{hint}")
+    check_key(key, keys)
   try:
     flags.FLAGS(argv)
   except flags.Error as e:
@@ -67,26 +64,6 @@ def config_spec(argv: list[str]) -> str:
                     "--config configs/vae_digits.py")
 
 
-def load_config(spec: str):
-  """`path.py[:arg]` -> the ConfigDict its get_config returns."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config {spec}: there is no file {path!r}")
-  module_spec = importlib.util.spec_from_file_location("genflax_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
-def flat_keys(config, prefix: str = "") -> list[str]:
-  keys = []
-  for k, v in config.items():
-    keys.append(prefix + k)
-    if hasattr(v, "items"):
-      keys += flat_keys(v, prefix + k + ".")
-  return keys
-
-
 def start_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
   """Connects this process to the others (all run the same command); None: auto-detect."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -100,8 +77,15 @@ def split_cpu(count: int) -> None:
   """Asks XLA for `count` host devices (-1: one per core); must run before jax starts."""
   flag = "--xla_force_host_platform_device_count"
   if count and flag not in os.environ.get("XLA_FLAGS", ""):
-    count = os.cpu_count() if count == -1 else count
+    count = usable_cores() if count == -1 else count
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={count}".strip()
+
+
+def usable_cores() -> int:
+  """The cores this process may run on (a sweep worker's share), else all of them."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def main(argv: list[str]) -> int:
@@ -111,7 +95,7 @@ def main(argv: list[str]) -> int:
     if _DISTRIBUTED.value or _COORDINATOR.value:
       start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from genflax import trainer  # Imported late: flag errors need not wait for jax.
-    trainer.train(config, workdir)
+    trainer.train(config, workdir, on_eval=sweep_trial.reporter())
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

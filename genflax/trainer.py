@@ -71,8 +71,13 @@ def check_step(config, mesh) -> None:
   sharding.check_batch_size(mesh, key, b // m)
 
 
-def train(config, workdir: str) -> dict:
-  """Trains (or resumes) `config` in `workdir`; returns the final evaluation."""
+def train(config, workdir: str, on_eval: Callable | None = None) -> dict:
+  """Trains (or resumes) `config` in `workdir`; returns the final evaluation.
+
+  on_eval(step, values) -> bool, if given, sees every evaluation before the
+  last (on process 0) and returns True to stop the run there, checkpointed:
+  a sweep's pruner (genflax/sweep/trial.py).
+  """
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
   # ---- Task, mesh, workdir
@@ -143,6 +148,7 @@ def train(config, workdir: str) -> dict:
   profile = Profiler(config.train.profile_steps, os.path.join(workdir, "profile"), log)
   pending = []  # (step, device metrics) not yet fetched to the host
   last_log_time, last_log_step, saved_step = time.time(), step, step
+  pruned = False
   first_step = step + 1
   try:
     # With several processes, they agree on stopping at log steps (the same
@@ -182,7 +188,10 @@ def train(config, workdir: str) -> dict:
         save(step)
         saved_step = step
       if step % config.train.eval_every_steps == 0 and step < config.train.num_steps:
-        run_eval(step)
+        values = run_eval(step)
+        if on_eval is not None and agree(jax.process_index() == 0 and on_eval(step, values)):
+          pruned = True
+          break
       last_log_time += time.time() - paused  # steps/s counts training only
   finally:
     profile(step, state, last=True)
@@ -193,13 +202,17 @@ def train(config, workdir: str) -> dict:
   mngr.wait_until_finished()
   if traces[0] > 1:
     log(f"warning: the train step was compiled {traces[0]} times (expected once)")
+  if pruned:
+    log(f"stopped at step {step} by the sweep's pruner; checkpoint saved.")
+    writer.close()
+    return {"pruned_at": step, "train_step_traces": traces[0]}
   if step < config.train.num_steps:
     log(f"stopped by {stop.reason} at step {step}; checkpoint saved. "
         f"Run the same command to resume.")
     writer.close()
     return {"interrupted_at": step, "train_step_traces": traces[0]}
   results = run_eval(step, final=True)
-  results.update(step=step, train_step_traces=traces[0])
+  results.update(step=step, num_params=num_params(state), train_step_traces=traces[0])
   if jax.process_index() == 0:
     write_json(results_path, results)
   writer.close()
@@ -388,10 +401,20 @@ class StopRequest:
     signal.signal(signum, signal.SIG_DFL)
 
 
+def agree(decision: bool) -> bool:
+  """Process 0's decision, on every process."""
+  if jax.process_count() == 1:
+    return bool(decision)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(decision)))
+
+
+def num_params(state) -> int:
+  """How many numbers the family trains (both networks of a GAN)."""
+  return sum(x.size for x in jax.tree.leaves(state["task"].get("params", {})))
+
+
 def describe(config, info, mesh, state) -> str:
-  params = state["task"].get("params", {})
-  n = sum(x.size for x in jax.tree.leaves(params))
-  return (f"{config.task} on {info}; {n:,} parameters; mesh {dict(mesh.shape)} over "
+  return (f"{config.task} on {info}; {num_params(state):,} parameters; mesh {dict(mesh.shape)} over "
           f"{jax.device_count()} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es)")
 

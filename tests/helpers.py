@@ -3,14 +3,14 @@ import os
 import subprocess
 import sys
 
-from genflax import main
+from genflax import configfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(name: str, arg: str = "smoke", **overrides):
   """configs/<name>.py:<arg> with dotted-key overrides, e.g. {"train.num_steps": 4}."""
-  c = main.load_config(os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
+  c = configfile.load_config(os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
   for key, value in overrides.items():
     *path, last = key.split(".")
     node = c
@@ -21,10 +21,11 @@ def config(name: str, arg: str = "smoke", **overrides):
   return c
 
 
-def cli(*args: str, module: str = "genflax.main", **kwargs) -> subprocess.CompletedProcess:
+def cli(*args: str, module: str = "genflax.main", timeout: float = 300,
+        **kwargs) -> subprocess.CompletedProcess:
   """Runs `python -m MODULE ARGS` from the repo root."""
   return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300, **kwargs)
+                        capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def popen(*args: str) -> subprocess.Popen:

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from genflax import data, sharding, tokenizers, trainer
 from genflax.data import shakespeare
+from genflax.errors import ConfigError
 from genflax.models import layers, transformer
 from genflax.tasks import lm
 from tests import helpers
@@ -401,3 +402,12 @@ def test_sentencepiece_datasets_measure_tokens_per_char_and_byte(tmp_path):
   assert train["tokens"].shape[1] == 17 and test["tokens"].shape == (64, 17)
   assert train["tokens"].max() < info.tokenizer.vocab_size == 400
   assert os.path.exists(tmp_path / "tokenizer" / "spm.model")
+
+
+def test_sizes_written_out_are_variants():
+  assert transformer.get_variant("L4-D128") == transformer.VARIANTS["nano"]
+  assert transformer.get_variant("L6-D384-H6-T256") == transformer.VARIANTS["baby"]
+  for bad in ("L4-D100-H3", "L0-D64", "4x128", "L2-D96-H32", "nanoo"):  # 96 / 32 heads: odd
+    assert transformer.get_variant(bad) is None
+  with pytest.raises(ConfigError, match="or a size L<layers>-D<width>"):
+    lm.variant(helpers.config("lm_shakespeare", **{"model.variant": "L4-D100-H3"}))

@@ -15,7 +15,7 @@ import time
 import jax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from genflax import data, main  # pylint: disable=g-import-not-at-top,wrong-import-position
+from genflax import configfile, data  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genflax.tasks import gan  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
@@ -25,7 +25,7 @@ DEFAULT = ("gan_digits", "dcgan_digits", "cgan_digits", "dcgan_digits:hinge",
 
 def steps_per_s(spec: str, blocks: int = 5, block: int = 100) -> float:
   name, _, arg = spec.partition(":")
-  config = main.load_config(os.path.join(ROOT, "configs", f"{name}.py") + f":{arg}")
+  config = configfile.load_config(os.path.join(ROOT, "configs", f"{name}.py") + f":{arg}")
   train, _, info = data.load(config.data.name, config.data.data_dir or None)
   setup = gan.build(config, info)
   state = gan.init(setup, jax.random.PRNGKey(0))

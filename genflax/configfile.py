@@ -1,0 +1,44 @@
+"""Experiment config files: `configs/NAME.py`, whose get_config(arg) returns a ConfigDict.
+
+Loaded here for `genflax.main`, the sweeps and the tests alike (no flags:
+importing this defines none).
+"""
+import difflib
+import importlib.util
+import os
+
+from genflax.errors import ConfigError
+
+
+def load_config(spec: str):
+  """`path.py[:arg]` -> the ConfigDict its get_config returns."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path, f"--config {spec}")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def load_module(path: str, where: str):
+  """The Python file at `path` (a config file), imported."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"{where}: there is no file {path!r}")
+  module_spec = importlib.util.spec_from_file_location("genflax_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def flat_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys.append(prefix + k)
+    if hasattr(v, "items"):
+      keys += flat_keys(v, prefix + k + ".")
+  return keys
+
+
+def check_key(key: str, keys: list[str], what: str = "config key") -> None:
+  """A ConfigError naming `key` (and the keys it is close to) if it is not in `keys`."""
+  if key not in keys:
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown {what} {key!r}{hint}")
