@@ -1,15 +1,18 @@
 """What a sweep costs beyond its trials' training, and what a second worker buys.
 
-    python -m benchmarks.sweep [--trials 12] [--out benchmarks/results/sweep.json]
+    python -m benchmarks.sweep [--out benchmarks/results/sweep.json]
 
 1. Per-trial overhead: the wall time of one trial of configs/vae_digits.py
-   that trains a single step, split into the interpreter with genflax's
-   imports, the rest up to the first step (data, setup, compiling the step),
-   and what follows (final evaluation: IWAE with 1,000 samples, images,
-   checkpoint, exit); beside it, the full default trial (2,000 steps).
-2. Throughput: the same grid of `--trials` default VAE trials (latent size x
-   beta) run by `python -m genflax.sweep` with --workers 1, then 2, each in
-   a fresh workdir: wall time, trials per minute and the ratio.
+   that trains a single step (interpreter and imports, data, setup,
+   compiling its ~20 programs, the final evaluation with 1,000 importance
+   samples, images, checkpoint, exit), first with JAX's compilation cache
+   empty, then filled as a sweep's later trials find it; the interpreter
+   with genflax's imports alone; and the full default trial (2,000 steps).
+2. Throughput: a grid of 12 trials run by `python -m genflax.sweep` with
+   --workers 1, then 2, each in a fresh workdir (wall time, trials per minute
+   and the ratio), for two configs: the default VAE (latent size x beta x two
+   seeds), whose final IWAE-1000 evaluation already runs on both cores, and
+   the MLP GAN (loss x noise size x two seeds), which hardly uses the second.
 
 The trials run as the sweep runs them, one CPU device each (XLA_FLAGS is
 dropped from their environment).
@@ -23,61 +26,79 @@ import sys
 import tempfile
 import time
 
+from genflax.sweep import worker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRID = {"model.latent_dim": [2, 4, 8, 16, 32, 64], "model.beta": [0.5, 1.0, 2.0, 4.0]}
+SWEEPS = {
+    "vae": ("configs/vae_digits.py", "iwae_nll",
+            {"model.latent_dim": "[4, 8, 16]", "model.beta": "[0.5, 1.0]", "seed": "[0, 1]"}),
+    "gan": ("configs/gan_digits.py", "fid",
+            {"loss.kind": "[ns, hinge]", "model.latent_dim": "[32, 64, 100]", "seed": "[0, 1]"}),
+}
 
 
-def env() -> dict:
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def env(cache: str | None = None) -> dict:
+  e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if cache:  # what a sweep's worker gives its trials (genflax/sweep/worker.py)
+    e.update(worker.compile_cache(cache))
+  return e
 
 
-def timed(command: list[str]) -> tuple[float, str]:
+def timed(command: list[str], cache: str | None = None) -> tuple[float, str]:
   start = time.time()
-  out = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, check=True)
+  out = subprocess.run(command, cwd=ROOT, env=env(cache), capture_output=True, text=True,
+                       check=True)
   return time.time() - start, out.stdout
 
 
 def overhead(tmp: str) -> dict:
+  """Seconds of one trial's parts; `warm`: with the compilation cache already filled."""
   imports, _ = timed([sys.executable, "-c",
                       "import genflax.trainer, genflax.tasks.vae, tensorflow_datasets"])
   main = [sys.executable, "-m", "genflax.main", "--config=configs/vae_digits.py"]
-  one, log = timed([*main, f"--workdir={tmp}/one", "--config.train.num_steps=1"])
-  compiled = float(re.search(r"compiled and ran in ([\d.]+)s", log).group(1))
-  full, _ = timed([*main, f"--workdir={tmp}/full"])
-  return {"python_and_imports_s": imports, "one_step_trial_s": one, "first_step_compile_s": compiled,
-          "default_trial_s": full}
+  out = {"python_and_imports_s": imports}
+  for run in ("cold", "warm"):
+    wall, log = timed([*main, f"--workdir={tmp}/one_{run}", "--config.train.num_steps=1"], tmp)
+    out[f"one_step_trial_{run}_s"] = wall
+    out[f"first_step_{run}_s"] = float(re.search(r"compiled and ran in ([\d.]+)s", log).group(1))
+  out["default_trial_warm_s"], _ = timed([*main, f"--workdir={tmp}/full"], tmp)
+  return out
 
 
-def sweep(tmp: str, workers: int, trials: int) -> dict:
-  workdir = os.path.join(tmp, f"workers{workers}")
-  params = [f"--param={k}={v}" for k, v in GRID.items()]
-  wall, out = timed([sys.executable, "-m", "genflax.sweep", "--config=configs/vae_digits.py",
-                     f"--workdir={workdir}", "--metric=iwae_nll", f"--trials={trials}",
-                     f"--workers={workers}", *params])
-  assert f"{trials} complete" in out, out
-  return {"workers": workers, "trials": trials, "wall_s": wall, "trials_per_min": trials / wall * 60}
+def sweep(tmp: str, name: str, workers: int) -> dict:
+  config, metric, grid = SWEEPS[name]
+  workdir = os.path.join(tmp, f"{name}_workers{workers}")
+  wall, out = timed([sys.executable, "-m", "genflax.sweep", f"--config={config}",
+                     f"--workdir={workdir}", f"--metric={metric}", f"--workers={workers}",
+                     *(f"--param={k}={v}" for k, v in grid.items())])
+  assert "12 complete" in out, out
+  return {"sweep": name, "config": config, "workers": workers, "trials": 12, "wall_s": wall,
+          "trials_per_min": 12 / wall * 60}
 
 
 def main() -> None:
   p = argparse.ArgumentParser()
-  p.add_argument("--trials", type=int, default=12)
   p.add_argument("--out")
   args = p.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     result = {"overhead": overhead(tmp), "cpus": len(os.sched_getaffinity(0))}
-    runs = [sweep(tmp, w, args.trials) for w in (1, 2)]
-  result["sweeps"] = runs
-  result["speedup_2_workers"] = runs[0]["wall_s"] / runs[1]["wall_s"]
+    result["sweeps"] = [sweep(tmp, name, w) for name in SWEEPS for w in (1, 2)]
   result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip()
+                                    capture_output=True, text=True, check=False).stdout.strip()
   o = result["overhead"]
   print(f"per trial: python + imports {o['python_and_imports_s']:.1f} s; a 1-step trial "
-        f"{o['one_step_trial_s']:.1f} s (first step compiled in {o['first_step_compile_s']:.1f} s); "
-        f"the default 2,000-step trial {o['default_trial_s']:.1f} s")
+        f"{o['one_step_trial_cold_s']:.1f} s cold (first step {o['first_step_cold_s']:.1f} s), "
+        f"{o['one_step_trial_warm_s']:.1f} s with the compilation cache (first step "
+        f"{o['first_step_warm_s']:.1f} s); the default 2,000-step trial "
+        f"{o['default_trial_warm_s']:.1f} s")
+  runs = result["sweeps"]
   for r in runs:
-    print(f"{r['trials']} trials, {r['workers']} worker(s): {r['wall_s']:.1f} s "
+    print(f"{r['config']}: {r['trials']} trials, {r['workers']} worker(s): {r['wall_s']:.1f} s "
           f"({r['trials_per_min']:.1f} trials/min)")
-  print(f"2 workers / 1 worker: {result['speedup_2_workers']:.2f}x")
+  result["speedup_2_workers"] = {}
+  for one, two in zip(runs[::2], runs[1::2]):
+    result["speedup_2_workers"][one["sweep"]] = one["wall_s"] / two["wall_s"]
+    print(f"{one['config']}: 2 workers / 1 worker: {one['wall_s'] / two['wall_s']:.2f}x")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=2)

@@ -323,7 +323,9 @@ def evaluate(eval_step, state, arrays: dict, batch_size: int, batch_sh, rng, fin
     local = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
     out = eval_step(state, sharding.put_batch(local, batch_sh),
                     jax.random.fold_in(rng, start), final)
-    out = multihost_utils.process_allgather(out, tiled=True)
+    # One process holds every row; the gather would compile a program per output.
+    out = (multihost_utils.process_allgather(out, tiled=True) if count > 1
+           else jax.device_get(out))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(np.asarray(v, np.float64)[:valid].sum())
   return {k: v / n for k, v in sums.items()}

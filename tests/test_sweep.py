@@ -114,6 +114,24 @@ def test_seeded_samplers_draw_apart_in_each_trial_and_alike_across_workers():
   assert draw(1) == draw(1)
 
 
+def test_samplers_and_pruners_come_from_the_definition():
+  base = dict(config="configs/vae_digits.py", overrides={}, params={"optim.lr": "uniform(0.1, 1.0)"},
+              metric="iwae_nll")
+  make = lambda **kw: sweep_study.Sweep(**base, **kw)
+  assert isinstance(sweep_study.sampler(make(sampler="tpe"))._inner, optuna.samplers.TPESampler)
+  assert isinstance(sweep_study.sampler(make(sampler="random"))._inner,
+                    optuna.samplers.RandomSampler)
+  median = sweep_study.pruner(make(pruner="median", pruner_args={"startup_trials": 3,
+                                                                 "warmup_steps": 500}))
+  assert (median._n_startup_trials, median._n_warmup_steps) == (3, 500)
+  halving = sweep_study.pruner(make(pruner="successive_halving", pruner_args={"min_steps": 250}))
+  assert halving._min_resource == 250
+  hyperband = sweep_study.pruner(make(pruner="hyperband",
+                                      pruner_args={"min_steps": 250, "max_steps": 3000}))
+  assert (hyperband._min_resource, hyperband._max_resource) == (250, 3000)
+  assert isinstance(sweep_study.pruner(make()), optuna.pruners.NopPruner)
+
+
 def test_workers_split_cores_and_gpus():
   assert worker.shares(1, [0, 1], []) == [worker.Share()]
   two = worker.shares(2, [0, 1, 2, 3], [])
@@ -324,15 +342,21 @@ def test_slurm_dry_run_prints_the_job_array(tmp_path):
 
 
 def test_the_slurm_array_runs_through_submitit_here(tmp_path):
-  """The same job array as on a cluster, through submitit's local executor."""
-  result = sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll", "--param=seed=[0, 1]",
+  """The same job array as on a cluster, through submitit's local executor; its two
+  workers draw different learning rates from the same seeded random sampler."""
+  result = sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll",
+                     "--param=optim.lr=loguniform(1e-4, 1e-2)", "--sampler=random", "--trials=2",
                      "--launcher=slurm", "--slurm_cluster=local", "--workers=2",
                      "--config.train.num_steps=4")
   assert result.returncode == 0, result.stdout + result.stderr
   assert "submitted 2 workers" in result.stdout
   done = trials(tmp_path)
   assert [t.state.name for t in done] == ["COMPLETE", "COMPLETE"]
-  assert sorted(t.params["seed"] for t in done) == [0, 1]
+  rates = [t.params["optim.lr"] for t in done]
+  assert rates[0] != rates[1] and all(1e-4 <= r <= 1e-2 for r in rates)
+  for t in done:
+    config = json.load(open(tmp_path / "trials" / str(t.number) / "config.json"))
+    assert config["optim"]["lr"] == t.params["optim.lr"]  # exactly, through the command line
   logs = "".join(p.read_text() for p in (tmp_path / "slurm").rglob("*_log.out"))
   assert logs.count("trial 0 ") + logs.count("trial 1 ") == 4  # started and complete, each
 
@@ -359,10 +383,14 @@ def postgres():
 
 
 def test_a_postgresql_storage_holds_the_study(postgres, tmp_path):
-  result = sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll", "--param=seed=[0, 1]",
-                     "--workers=2", f"--storage={postgres}", "--study_name=pg_sweep",
+  """A database study, then continued from the workdir alone with one more trial."""
+  result = sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll", "--param=seed=int(0, 99)",
+                     "--trials=1", f"--storage={postgres}", "--study_name=pg_sweep",
                      "--config.train.num_steps=4")
   assert result.returncode == 0, result.stdout + result.stderr
+  more = sweep_cli(f"--workdir={tmp_path}", "--trials=2")
+  assert more.returncode == 0, more.stdout + more.stderr
+  assert "trial 1 started" in more.stdout and "trial 0" not in more.stdout
   assert not (tmp_path / "study.journal").exists()
   study = optuna.load_study(study_name="pg_sweep", storage=postgres)
   assert [t.state.name for t in study.get_trials()] == ["COMPLETE", "COMPLETE"]

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import warnings
 
@@ -62,6 +63,8 @@ def row(sweep, workdir: str, t) -> dict:
     value = t.params.get(key)
     if isinstance(s, space.Choice) and value is not None:
       value = space.format_value(s.values[[space.encode(v) for v in s.values].index(value)])
+    if key.startswith(":") and value == "":
+      value = "(default)"  # the config file without a variant on this axis
     r[key] = value
   r[sweep.metric] = results.get(sweep.metric) if results else None
   steps = dict(t.intermediate_values)
@@ -148,7 +151,8 @@ def best_row(sweep, rows: list[dict]):
 
 def reproduce(sweep, best: dict) -> str:
   """The best trial's genflax.main command, into a workdir of its own."""
-  return best["command"].replace(f"/trials/{best['trial']} ", "/best ", 1) if best["command"] else ""
+  del sweep
+  return re.sub(rf"/trials/{best['trial']}\b", "/best", best["command"], count=1)
 
 
 # ---- Plots

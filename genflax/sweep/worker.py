@@ -101,6 +101,18 @@ def visible_gpus() -> list[str]:
                                           if l.startswith("GPU "))]
 
 
+def compile_cache(workdir: str) -> dict:
+  """JAX's persistent compilation cache in the sweep workdir, for every program.
+
+  Trials that differ only in values the programs take as inputs (seeds, data
+  order) compile the same programs; from the second on they are read from
+  the cache (benchmarks/README.md: sweeps). The environment's own setting wins.
+  """
+  return {"JAX_COMPILATION_CACHE_DIR": os.path.join(workdir, "jax_cache"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def child_setup(cores=()) -> None:
   """Runs in a child before it starts: SIGTERM when its parent dies; pinned to `cores`.
 
@@ -237,7 +249,7 @@ def run_trial(sweep, study, workdir: str, claim: Claim, share: Share, stop: Stop
   shown = " ".join(f"{k}={v}" for k, v in claim.params.items())
   print(f"{name}: trial {claim.number} {'resumed' if claim.adopted else 'started'}: {shown}",
         flush=True)
-  env = {**os.environ, **share.env,
+  env = {**compile_cache(workdir), **os.environ, **share.env,
          sweep_trial.ENV: json.dumps({"sweep": workdir, "number": claim.number})}
   start = time.time()
   log_path = os.path.join(trial_dir, "log.txt")
