@@ -5,12 +5,18 @@ and RNG, as one pytree, sharded as in training) and `meta` (JSON: the data
 position and which experiment wrote it). Saving is asynchronous: Orbax
 copies the arrays before `save` returns, so the next step may donate them.
 """
+import contextlib
 import json
+import logging
 import os
+import socket
+import sys
+import time
 
+import filelock
 import orbax.checkpoint as ocp
 
-from genflax.errors import UserError
+from genflax.errors import CheckpointError, UserError
 
 # Config entries that define an experiment. Resuming with others changed
 # (more steps, another log interval) is fine; with these changed, the
@@ -20,30 +26,135 @@ IDENTITY_KEYS = ("task", "model", "data.name")
 NOT_IDENTITY = ("model.dense_grads",)
 
 
+class _QuietOrbaxErrors(logging.Filter):
+  """Orbax logs a failed background save as several tracebacks from its threads;
+  genflax reports it once, in one line (CheckpointError), so those are dropped."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
+
+
 def manager(workdir: str, keep: int | None = None, read_only: bool = False
             ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=True)
+      enable_async_checkpointing=True,
+      cleanup_tmp_directories=not read_only)  # a save that a kill cut short
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
       item_names=("state", "meta"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-      force=True)
+  """Starts saving `step` in the background, once the previous save went well."""
+  check(mngr)
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True)
+  except Exception as e:  # pylint: disable=broad-except  # Orbax's or the OS's
+    raise failed(mngr, e) from None
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state):
-  """Latest (state, meta), laid out like `abstract_state`; None if there is none."""
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  return restored.state, restored.meta
+def check(mngr: ocp.CheckpointManager) -> None:
+  """Raises CheckpointError if a background save has failed."""
+  try:
+    mngr.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise failed(mngr, e) from None
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the saves in flight to commit; CheckpointError if one failed."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise failed(mngr, e) from None
+
+
+def failed(mngr, error: Exception) -> CheckpointError:
+  reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  return CheckpointError(
+      f"saving a checkpoint in {mngr.directory} failed ({type(error).__name__}: {reason}); "
+      f"{newest(mngr.directory)}. Make room or make the directory writable, then run the "
+      "same command to resume from there.")
+
+
+def committed(directory) -> list[int]:
+  """The steps whose checkpoints are complete in `directory` (Orbax renames a
+  checkpoint into its step's name only once every file is written)."""
+  directory = str(directory)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def newest(directory) -> str:
+  """Says which checkpoint a rerun would resume from."""
+  steps = committed(directory)
+  if not steps:
+    return f"no checkpoint has been saved yet in {directory}"
+  return f"the newest complete checkpoint is step {steps[-1]} in {directory}"
+
+
+UNREADABLE = ".unreadable"  # the suffix of a checkpoint set aside
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, log=print, primary: bool = True):
+  """The newest readable (state, meta), laid out like `abstract_state`; None if
+  the run has no checkpoint yet.
+
+  A checkpoint that fails to restore (a cut file, lost metadata) is named in
+  one line and, unless `mngr` is read-only, set aside as <step>.unreadable
+  (kept, not deleted; by the `primary` process of several); the next newest
+  is tried. With checkpoints but none readable, a UserError says how to
+  start afresh.
+  """
+  directory = str(mngr.directory)
+  unreadable = []
+  _quiet_closed_loop_callbacks()
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      return restored.state, restored.meta
+    except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      unreadable.append(step)
+      if mngr._options.read_only:  # pylint: disable=protected-access
+        log(f"checkpoint {step} in {directory} is unreadable ({type(e).__name__}: {reason}); "
+            "trying the one before")
+        continue
+      aside = os.path.join(directory, f"{step}{UNREADABLE}")
+      if primary:
+        os.replace(os.path.join(directory, str(step)), aside)
+      mngr.reload()
+      log(f"checkpoint {step} in {directory} is unreadable ({type(e).__name__}: {reason}); "
+          f"set aside as {aside}, trying the one before")
+  set_aside = [d for d in os.listdir(directory) if d.endswith(UNREADABLE)] if os.path.isdir(
+      directory) else []
+  if unreadable or set_aside:
+    raise UserError(f"no readable checkpoint in {directory} (unreadable: "
+                    f"{', '.join(sorted(set_aside) or map(str, unreadable))}); to start this run "
+                    f"afresh, move {directory} away (or delete it)")
+  return None
+
+
+def _quiet_closed_loop_callbacks():
+  """After a failed restore, TensorStore's threads call back into Orbax's closed
+  event loop, and Python prints each RuntimeError as a traceback (through
+  sys.excepthook): dozens of them, where one line says what happened."""
+  previous = sys.excepthook
+
+  def hook(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      previous(kind, value, tb)
+
+  sys.excepthook = hook
 
 
 def identity(config: dict) -> dict:
@@ -88,3 +199,52 @@ def write_config(workdir: str, config) -> None:
   with open(tmp, "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and its checkpoints/ and checks that both take files,
+  before any work: a save that cannot be written must not be found out later."""
+  for d in (workdir, os.path.join(workdir, "checkpoints")):
+    if os.path.exists(d) and not os.path.isdir(d):
+      raise UserError(f"{d} is a file, not a directory: move it away or give another --workdir")
+    try:
+      os.makedirs(d, exist_ok=True)
+      probe = os.path.join(d, f".write_test.{os.getpid()}")
+      with open(probe, "w") as f:
+        f.write("ok")
+      os.remove(probe)
+    except OSError as e:
+      raise UserError(f"cannot write to {d} ({e.strerror or e}); give a writable --workdir") from None
+
+
+@contextlib.contextmanager
+def run_lock(workdir: str, holder: bool = True):
+  """Holds WORKDIR/run.lock while a run trains there, so that a second run in the
+  same workdir is refused; the kernel frees the lock of a process that died.
+
+  holder: whether this process takes the lock (process 0 of a multi-process
+  run does, for all of them).
+  """
+  if not holder:
+    yield
+    return
+  lock = filelock.FileLock(os.path.join(workdir, "run.lock"))
+  owner = os.path.join(workdir, "run.owner")
+  try:
+    lock.acquire(timeout=0)
+  except filelock.Timeout:
+    try:
+      with open(owner) as f:
+        who = json.load(f)
+      who = f"process {who['pid']} on {who['host']}, since {who['since']}"
+    except (OSError, ValueError, KeyError):
+      who = "a process that has not said who it is yet"
+    raise UserError(f"workdir {workdir} is in use by another run ({who}); wait for it to "
+                    "end, or stop it, then run this again") from None
+  try:
+    with open(owner, "w") as f:
+      json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    yield
+  finally:
+    lock.release()

@@ -12,3 +12,9 @@ class UserError(Exception):
 
 class ConfigError(UserError):
   """A config key or value that cannot be used."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint could not be written (a full disk, a read-only directory). The
+  failed save's Orbax threads may never finish, so genflax.main exits at once
+  after saying so."""

@@ -11,7 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from genflax.configfile import check_key, flat_keys, load_config
-from genflax.errors import ConfigError, UserError
+from genflax.errors import CheckpointError, ConfigError, UserError
 from genflax.sweep import trial as sweep_trial
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -81,6 +81,14 @@ def split_cpu(count: int) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={count}".strip()
 
 
+def exit_now(message: str) -> None:
+  """Prints the error and leaves at once: after a failed write, the threads of
+  Orbax's save may never finish, and Python would wait for them at exit."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(2)  # pylint: disable=protected-access
+
+
 def usable_cores() -> int:
   """The cores this process may run on (a sweep worker's share), else all of them."""
   if hasattr(os, "sched_getaffinity"):
@@ -89,6 +97,7 @@ def usable_cores() -> int:
 
 
 def main(argv: list[str]) -> int:
+  workdir = ""
   try:
     config, workdir = parse(argv)
     split_cpu(config.cpu_devices)
@@ -96,6 +105,13 @@ def main(argv: list[str]) -> int:
       start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from genflax import trainer  # Imported late: flag errors need not wait for jax.
     trainer.train(config, workdir, on_eval=sweep_trial.reporter())
+  except CheckpointError as e:
+    exit_now(str(e))
+  except OSError as e:  # a full or read-only disk under the run's other files
+    from genflax import checkpoints  # pylint: disable=g-import-not-at-top
+    exit_now(f"{e.strerror or e} writing {e.filename or 'the run files'}; "
+             f"{checkpoints.newest(os.path.join(workdir, 'checkpoints'))}. Make room or make "
+             "the workdir writable, then run the same command to resume from there.")
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

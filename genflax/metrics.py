@@ -15,16 +15,27 @@ from genflax.errors import ConfigError
 
 
 class Writer:
-  """One run's outputs in `workdir`: `metrics.jsonl`, TensorBoard events, images/."""
+  """One run's outputs in `workdir`: `metrics.jsonl`, TensorBoard events, images/.
 
-  def __init__(self, workdir: str):
+  metrics.jsonl is the run's history: a run resumed from the checkpoint at
+  `resume_step` first drops the rows an interrupted run wrote after it (and
+  any final rows), so after any number of resumes the file holds what one
+  uninterrupted run writes; TensorBoard hides the same steps (purge_step).
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.workdir = workdir
+    self.logged = set()  # (step, split) of the rows in metrics.jsonl
     if not self.enabled:
       return
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      self.logged = keep_history(path, resume_step)
     from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
-    self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"),
+                             purge_step=None if resume_step is None else resume_step + 1)
+    self._jsonl = open(path, "a")
 
   def scalars(self, step: int, split: str, values: dict) -> None:
     if not self.enabled:
@@ -32,6 +43,7 @@ class Writer:
     values = {k: float(v) for k, v in values.items()}
     self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
     self._jsonl.flush()
+    self.logged.add((step, split))
     for k, v in values.items():
       self._tb.add_scalar(f"{split}/{k}", v, step)
 
@@ -62,6 +74,29 @@ class Writer:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def keep_history(path: str, step: int) -> set:
+  """Drops the rows of metrics.jsonl after `step`, final rows and a torn last line;
+  returns the (step, split) of the rows kept."""
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # the last line of a run killed while writing it
+    if row["step"] <= step and row["split"] != "final":
+      kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return {(r["step"], r["split"]) for r in map(json.loads, kept)}
 
 
 def tile(grid: np.ndarray, pad: int = 1) -> np.ndarray:

@@ -78,13 +78,20 @@ def train(config, workdir: str, on_eval: Callable | None = None) -> dict:
   last (on process 0) and returns True to stop the run there, checkpointed:
   a sweep's pruner (genflax/sweep/trial.py).
   """
-  log = print if jax.process_index() == 0 else (lambda *a, **k: None)
-
-  # ---- Task, mesh, workdir
   task = load_task(config.task)
   mesh = sharding.make_mesh(config.mesh)
   check_step(config, mesh)
   sharding.check_batch_size(mesh, "eval.batch_size", config.eval.batch_size)
+  if jax.process_index() == 0:
+    checkpoints.prepare_workdir(workdir)
+  with checkpoints.run_lock(workdir, holder=jax.process_index() == 0):
+    return _train(config, workdir, on_eval, task, mesh)
+
+
+def _train(config, workdir: str, on_eval, task, mesh) -> dict:
+  log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+
+  # ---- Checkpoints and the workdir's experiment
   mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
   checkpoints.check_workdir(workdir, config, mngr.latest_step())
   if jax.process_index() == 0:
@@ -97,7 +104,7 @@ def train(config, workdir: str, on_eval: Callable | None = None) -> dict:
   batch_sh, repl = feed.batch_sharding, sharding.replicated(mesh)
 
   # ---- State: created (or restored) straight into its shardings
-  restored = checkpoints.restore(mngr, run.abstract)
+  restored = checkpoints.restore(mngr, run.abstract, log, primary=jax.process_index() == 0)
   if restored is None:
     state = jax.jit(run.init, out_shardings=run.state_sh)(jax.random.PRNGKey(config.seed))
     step = 0
@@ -114,7 +121,6 @@ def train(config, workdir: str, on_eval: Callable | None = None) -> dict:
   samples_fn = jax.jit(lambda s, b, r: task.samples(setup, s["task"], b, r))
   eval_rng = jax.random.PRNGKey(config.seed + 1)  # the same samples at every eval
   sample_batch = {k: v[:config.eval.num_samples] for k, v in test_data.items()}
-  writer = metrics.Writer(workdir)
 
   def run_eval(step, final=False):
     if hasattr(task, "evaluate"):
@@ -142,6 +148,11 @@ def train(config, workdir: str, on_eval: Callable | None = None) -> dict:
     log(f"already trained to step {step}; results in {results_path}")
     with open(results_path) as f:
       return json.load(f)
+  writer = metrics.Writer(workdir, resume_step=None if restored is None else step)
+  if (restored is not None and 0 < step < config.train.num_steps
+      and step % config.train.eval_every_steps == 0
+      and agree((step, "eval") not in writer.logged)):  # process 0 writes the history
+    run_eval(step)  # the interrupted run saved this step but did not finish its eval
 
   # ---- Train loop
   stop = StopRequest()
@@ -151,55 +162,62 @@ def train(config, workdir: str, on_eval: Callable | None = None) -> dict:
   pruned = False
   first_step = step + 1
   try:
-    # With several processes, they agree on stopping at log steps (the same
-    # steps everywhere), so all save the same step's checkpoint.
-    while step < config.train.num_steps and not stop.agreed(
-        sync=step % config.train.log_every_steps == 0):
-      profile(step, state)
-      inputs = feed.inputs(step)
-      with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
-        state, step_metrics = train_step(state, inputs)
-      # At most two steps in flight: the host waits for the previous step before
-      # it queues another. A deeper queue gains nothing once the devices are
-      # busy, and with several CPU devices in one process it can starve XLA's
-      # thread pool until an all-reduce waits forever for a device that never
-      # runs (seen with 2 devices on 2 cores within a few hundred steps).
-      if pending:
-        jax.block_until_ready(pending[-1][1])
-      step += 1
-      pending.append((step, step_metrics))
-      if step == first_step:  # Time the compilation apart from the steps/s.
-        jax.block_until_ready(state)
-        log(f"step {step}: train step compiled and ran in {time.time() - last_log_time:.1f}s")
-        last_log_time, last_log_step = time.time(), step
-      if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
-        values = check_finite(pending, workdir, saved_step)
-        now = time.time()
-        rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-        values.update(task.learning_rates(setup, step))
-        values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
-        writer.scalars(step, "train", values)
-        eta = metrics.format_duration((config.train.num_steps - step) / max(rate, 1e-9))
-        log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}  ETA {eta}")
-        pending, last_log_time, last_log_step = [], now, step
-      paused = time.time()
-      if step % config.train.ckpt_every_steps == 0:
-        check_finite(pending, workdir, saved_step)
-        save(step)
-        saved_step = step
-      if step % config.train.eval_every_steps == 0 and step < config.train.num_steps:
-        values = run_eval(step)
-        if on_eval is not None and agree(jax.process_index() == 0 and on_eval(step, values)):
-          pruned = True
-          break
-      last_log_time += time.time() - paused  # steps/s counts training only
+    try:
+      # With several processes, they agree on stopping at log steps (the same
+      # steps everywhere), so all save the same step's checkpoint.
+      while step < config.train.num_steps and not stop.agreed(
+          sync=step % config.train.log_every_steps == 0):
+        profile(step, state)
+        inputs = feed.inputs(step)
+        with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
+          state, step_metrics = train_step(state, inputs)
+        # At most two steps in flight: the host waits for the previous step before
+        # it queues another. A deeper queue gains nothing once the devices are
+        # busy, and with several CPU devices in one process it can starve XLA's
+        # thread pool until an all-reduce waits forever for a device that never
+        # runs (seen with 2 devices on 2 cores within a few hundred steps).
+        if pending:
+          jax.block_until_ready(pending[-1][1])
+        step += 1
+        pending.append((step, step_metrics))
+        checkpoints.check(mngr)  # a background save that failed stops the run here (~1 us)
+        if step == first_step:  # Time the compilation apart from the steps/s.
+          jax.block_until_ready(state)
+          log(f"step {step}: train step compiled and ran in {time.time() - last_log_time:.1f}s")
+          last_log_time, last_log_step = time.time(), step
+        if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
+          values = check_finite(pending)
+          now = time.time()
+          rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+          values.update(task.learning_rates(setup, step))
+          values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
+          writer.scalars(step, "train", values)
+          eta = metrics.format_duration((config.train.num_steps - step) / max(rate, 1e-9))
+          log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}  ETA {eta}")
+          pending, last_log_time, last_log_step = [], now, step
+        paused = time.time()
+        if step % config.train.ckpt_every_steps == 0:
+          check_finite(pending)
+          save(step)
+          saved_step = step
+        if step % config.train.eval_every_steps == 0 and step < config.train.num_steps:
+          values = run_eval(step)
+          if on_eval is not None and agree(jax.process_index() == 0 and on_eval(step, values)):
+            pruned = True
+            break
+        last_log_time += time.time() - paused  # steps/s counts training only
+    finally:
+      profile(step, state, last=True)
+      stop.close()
+    check_finite(pending)
+    if saved_step != step:
+      save(step)
+  except NonFiniteLoss as e:
+    checkpoints.wait(mngr)
+    raise NonFiniteLoss(f"{e} {checkpoints.newest(mngr.directory)}. Lower the learning rate "
+                        "(optim*.lr) or lengthen its warmup, then rerun.") from None
   finally:
-    profile(step, state, last=True)
-    stop.close()
-  check_finite(pending, workdir, saved_step)
-  if saved_step != step:
-    save(step)
-  mngr.wait_until_finished()
+    checkpoints.wait(mngr)  # every way out commits the saves in flight
   if traces[0] > 1:
     log(f"warning: the train step was compiled {traces[0]} times (expected once)")
   if pruned:
@@ -331,7 +349,7 @@ def evaluate(eval_step, state, arrays: dict, batch_size: int, batch_sh, rng, fin
   return {k: v / n for k, v in sums.items()}
 
 
-def check_finite(pending, workdir: str, saved_step: int) -> dict:
+def check_finite(pending) -> dict:
   """Fetches pending step metrics; raises on the first non-finite one; returns means."""
   fetched = jax.device_get(pending)
   for step, values in fetched:
@@ -339,9 +357,7 @@ def check_finite(pending, workdir: str, saved_step: int) -> dict:
     if bad:
       raise NonFiniteLoss(
           f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
-          f"stopped without saving it. The last good checkpoint (step {saved_step}) is in "
-          f"{os.path.join(workdir, 'checkpoints')}; lower the learning rate (optim*.lr) "
-          f"or lengthen its warmup, then rerun.")
+          f"stopped without saving it;")
   if not fetched:
     return {}
   return {k: float(np.mean([v[k] for _, v in fetched])) for k in fetched[0][1]}

@@ -93,3 +93,34 @@ def test_cpu_devices_splits_the_host_unless_the_environment_says(tmp_path):
                        "--config.train.num_steps=2")
   assert result.returncode == 0, result.stderr
   assert "over 8 cpu devices" in result.stdout
+
+
+def test_a_second_run_in_the_same_workdir_is_refused_until_the_first_is_gone(tmp_path):
+  args = [SMOKE, f"--workdir={tmp_path}", "--config.train.num_steps=1000000",
+          "--config.train.log_every_steps=1000", "--config.train.ckpt_every_steps=1000",
+          "--config.train.eval_every_steps=1000000"]
+  first = helpers.popen(*args)
+  for line in first.stdout:  # training has started: the lock is held
+    if "compiled and ran" in line:
+      break
+  message = _error(helpers.cli(*args))
+  assert "is in use by another run" in message and f"process {first.pid} on " in message
+  first.kill()  # no clean exit: the kernel frees the lock
+  first.wait()
+  again = helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.train.num_steps=4")
+  assert again.returncode == 0, again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("make", ["workdir_file", "checkpoints_file"])
+def test_a_workdir_that_cannot_hold_checkpoints_is_refused_before_any_step(tmp_path, make):
+  workdir = tmp_path / "w"
+  if make == "workdir_file":
+    workdir.write_text("not a directory")
+    bad = workdir
+  else:
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("not a directory")
+    bad = workdir / "checkpoints"
+  message = _error(helpers.cli(SMOKE, f"--workdir={workdir}"))
+  assert f"{bad} is a file, not a directory" in message
+  assert bad.read_text() == "not a directory"

@@ -3,10 +3,12 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -118,6 +120,35 @@ def test_interrupted_runs_resume_bitwise(tmp_path):
   assert step == 40
   got = _params(broken)[1]
   jax.tree.map(np.testing.assert_array_equal, got, want)
+  # metrics.jsonl reads as one run: no replayed rows, nothing missing.
+  assert _history(broken) == _history(straight)
+
+
+def _history(workdir: str) -> list[tuple[str, int]]:
+  return [(r["split"], r["step"]) for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
+
+
+def test_a_resumed_run_redoes_the_eval_its_checkpoint_step_missed(tmp_path):
+  """Killed between the save at step 10 and its eval: the resumed run evaluates
+  step 10 first; rows written after the checkpoint (and a torn line) are dropped."""
+  overrides = {"train.num_steps": 20, "train.ckpt_every_steps": 10, "train.eval_every_steps": 10,
+               "train.log_every_steps": 5}
+  straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+  trainer.train(helpers.config("vae_digits", **overrides), straight)
+  shutil.copytree(straight, broken)
+  shutil.rmtree(os.path.join(broken, "checkpoints", "20"))  # as if killed after the save at 10
+  os.remove(os.path.join(broken, "results.json"))
+  rows = [json.loads(l) for l in open(os.path.join(broken, "metrics.jsonl"))]
+  with open(os.path.join(broken, "metrics.jsonl"), "w") as f:
+    for r in rows:
+      if not (r["split"] == "eval" and r["step"] == 10):
+        f.write(json.dumps(r) + "\n")  # the train rows of 15 and 20, and the final one, stay
+    f.write('{"step": 16, "split": "tr')  # torn by the kill
+  resumed = trainer.train(helpers.config("vae_digits", **overrides), broken)
+  assert _history(broken) == _history(straight)
+  assert resumed == json.load(open(os.path.join(straight, "results.json")))
+  evals = [json.loads(l) for l in open(os.path.join(broken, "metrics.jsonl")) if '"eval"' in l]
+  assert evals == [r for r in rows if r["split"] == "eval"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
@@ -131,12 +162,128 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
   assert result.returncode == 2
   message = result.stderr.strip().splitlines()[-1]
   assert message.startswith("error: ") and " at step " in message
-  assert "last good checkpoint (step 8)" in message
+  assert f"the newest complete checkpoint is step 8 in {workdir}/checkpoints" in message
   step = int(message.split(" at step ")[1].split(";")[0])
   assert 9 <= step <= 16
   after = _params(workdir)
   assert after[0] == 8
   jax.tree.map(np.testing.assert_array_equal, after[1], before[1])
+
+
+def test_a_non_finite_loss_before_any_checkpoint_names_none(tmp_path):
+  result = helpers.cli("--config=configs/vae_digits.py:smoke", f"--workdir={tmp_path}",
+                       "--config.optim.lr=1e30", "--config.optim.warmup_steps=0",
+                       "--config.optim.schedule=constant")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "no checkpoint has been saved yet" in result.stderr.strip().splitlines()[-1]
+
+
+def test_an_error_right_after_a_save_still_commits_it(tmp_path):
+  """The eval after the save at step 8 fails: the save in flight is waited for."""
+  def fail(step, values):
+    raise RuntimeError(f"eval hook failed at {step}")
+  config = helpers.config("vae_digits", **{"train.num_steps": 12, "train.eval_every_steps": 8})
+  with pytest.raises(RuntimeError, match="failed at 8"):
+    trainer.train(config, str(tmp_path), on_eval=fail)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["8"]  # committed, no tmp left
+  assert _params(str(tmp_path))[0] == 8
+
+
+def _long_run(workdir):
+  return helpers.popen("--config=configs/vae_digits.py:smoke", f"--workdir={workdir}",
+                       "--config.train.num_steps=1000000", "--config.train.log_every_steps=500",
+                       "--config.train.ckpt_every_steps=500", "--config.train.eval_every_steps=1000000")
+
+
+def _wait_for(path, proc):
+  for _ in range(1200):
+    if os.path.exists(path) or proc.poll() is not None:
+      return
+    time.sleep(0.1)
+
+
+@pytest.mark.parametrize("how", ["read_only", "full"])
+def test_a_save_that_fails_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path, how):
+  """The checkpoints made immutable (chattr +i), or the disk full (a small tmpfs):
+  the next save fails (in Orbax's background thread); the run stops at once with
+  one line naming the cause and the newest complete checkpoint, no hang."""
+  workdir = tmp_path / "w"
+  if how == "full":
+    workdir.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(workdir)],
+                      capture_output=True, check=False).returncode:
+      pytest.skip("cannot mount a small tmpfs here (needs root)")
+  proc = _long_run(workdir)
+  try:
+    _wait_for(workdir / "checkpoints" / "500", proc)
+    if how == "read_only":
+      if subprocess.run(["chattr", "+i", str(workdir / "checkpoints")], capture_output=True,
+                        check=False).returncode:
+        proc.kill()
+        pytest.skip("chattr +i does not work here (needs root and ext2/3/4)")
+    else:
+      subprocess.run(["dd", "if=/dev/zero", f"of={workdir}/fill", "bs=64k"], capture_output=True,
+                     check=False)
+    out = proc.communicate(timeout=180)[0]
+  finally:
+    subprocess.run(["chattr", "-i", str(workdir / "checkpoints")], capture_output=True, check=False)
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 2, out
+  assert "Traceback" not in out
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("error: ")
+  # Full: the next write fails, the checkpoint's or the metrics' (which come first).
+  assert ("Operation not permitted" if how == "read_only" else "No space left on device") in last
+  assert f"the newest complete checkpoint is step 500 in {workdir}/checkpoints" in last
+  if how == "full":
+    os.remove(workdir / "fill")
+  assert _params(str(workdir))[0] == 500
+  if how == "full":
+    subprocess.run(["umount", "-l", str(workdir)], check=False)
+
+
+@pytest.mark.parametrize("damage", ["cut_data", "lost_metadata", "lost_manifest", "lost_meta"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path, damage):
+  workdir = tmp_path
+  trainer.train(helpers.config("vae_digits"), str(workdir))  # checkpoints 8 and 12
+  want = json.load(open(workdir / "results.json"))
+  os.remove(workdir / "results.json")
+  state = workdir / "checkpoints" / "12" / "state"
+  if damage == "cut_data":
+    biggest = max((state / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    os.truncate(biggest, biggest.stat().st_size // 2)
+  elif damage == "lost_metadata":
+    os.remove(state / "_METADATA")
+  elif damage == "lost_manifest":
+    os.remove(state / "manifest.ocdbt")
+    os.remove(state / "ocdbt.process_0" / "manifest.ocdbt")
+  else:
+    os.remove(workdir / "checkpoints" / "12" / "meta" / "metadata")
+  result = helpers.cli("--config=configs/vae_digits.py:smoke", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "Traceback" not in result.stdout + result.stderr
+  named = [l for l in result.stdout.splitlines() if "is unreadable" in l]
+  assert len(named) == 1 and named[0].startswith(f"checkpoint 12 in {workdir}/checkpoints")
+  assert f"set aside as {workdir}/checkpoints/12.unreadable" in named[0]
+  assert "resumed from step 8" in result.stdout
+  assert json.load(open(workdir / "results.json")) == want  # 8 -> 12 again, bitwise
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "12.unreadable", "8"]
+
+
+def test_with_no_readable_checkpoint_the_run_refuses_and_says_how_to_start_afresh(tmp_path):
+  trainer.train(helpers.config("vae_digits", **{"train.num_steps": 8}), str(tmp_path))
+  os.remove(tmp_path / "results.json")
+  os.remove(tmp_path / "checkpoints" / "8" / "state" / "_METADATA")
+  args = ["--config=configs/vae_digits.py:smoke", f"--workdir={tmp_path}", "--config.train.num_steps=8"]
+  for _ in range(2):  # and again, with the checkpoint already set aside
+    result = helpers.cli(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: no readable checkpoint in {tmp_path}/checkpoints")
+    assert f"move {tmp_path}/checkpoints away" in last
+  shutil.move(tmp_path / "checkpoints", tmp_path / "old")
+  assert helpers.cli(*args).returncode == 0
 
 
 def test_sharded_over_8_devices_equals_one_device(tmp_path):

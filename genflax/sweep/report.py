@@ -190,25 +190,30 @@ def save(axes, path: str) -> None:
 
 
 def learning_curves(sweep, workdir: str, trials, out: str) -> None:
-  """Every trial's train loss and evaluated metric against steps, one line per trial."""
+  """Every trial's train loss and evaluated metric against steps, one line per trial,
+  coloured by its values of the swept keys other than the seed."""
   fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+  groups = {}  # group -> colour
   for t in trials:
     rows = read_jsonl(os.path.join(workdir, "trials", str(t.number), "metrics.jsonl"))
     train = [r for r in rows if r["split"] == "train"]
     loss_key = next((k for k in ("loss", "d_loss") if train and k in train[0]), None)
-    label = f"{t.number}: " + " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t.params.items())
+    group = " ".join(f"{k.lstrip(':').rsplit('.', 1)[-1]}={v if v != '' else 'default'}"
+                     for k, v in t.params.items() if k != "seed")
+    label = None if group in groups else group  # one legend entry per group
+    color = groups.setdefault(group, f"C{len(groups) % 10}")
     if loss_key:
-      ax_train.plot([r["step"] for r in train], [r[loss_key] for r in train], label=label, lw=1)
+      ax_train.plot([r["step"] for r in train], [r[loss_key] for r in train], color=color, lw=1)
       ax_train.set_ylabel(f"train {loss_key}")
     evals = [r for r in rows if r["split"] in ("eval", "final") and sweep.metric in r]
     if evals:
       ax_eval.plot([r["step"] for r in evals], [r[sweep.metric] for r in evals], marker=".",
-                   label=label, lw=1)
+                   color=color, label=label, lw=1)
   for ax, name in ((ax_train, "train"), (ax_eval, f"eval {sweep.metric}")):
     ax.set_xlabel("step")
     ax.set_title(name)
   ax_eval.set_ylabel(sweep.metric)
-  if len(trials) <= 16:
+  if 1 < len(groups) <= 20:
     ax_eval.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "learning_curves.png"), dpi=110)
