@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from matplotlib import ticker  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 
@@ -30,7 +31,10 @@ def main(results_csv: str, out: str) -> None:
   grid = np.geomspace(n.min() / 1.2, n.max() * 1.2, 50)
   ax.plot(grid, a * grid ** -alpha, "--", label=f"{a:.3g} N^-{alpha:.3f}")
   ax.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="validation loss (nats/char)",
-         title="Validation loss at a fixed token budget")
+         title="Validation loss after 2,000 steps of 12 x 64 characters")
+  for axis in (ax.yaxis,):
+    axis.set_major_formatter(ticker.FormatStrFormatter("%.2f"))
+    axis.set_minor_formatter(ticker.FormatStrFormatter("%.2f"))
   ax.legend()
   fig.tight_layout()
   fig.savefig(out, dpi=110)
