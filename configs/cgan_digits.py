@@ -17,9 +17,15 @@ import dcgan_digits  # pylint: disable=g-import-not-at-top
 import gan_digits  # pylint: disable=g-import-not-at-top
 
 
+from genflax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-order
+
+VARIANTS = (*gan_digits.VARIANTS, "concat", "mlp")
+
+
 def get_config(arg: str = ""):
-  variants = set(filter(None, arg.split(",")))
-  c = (gan_digits if "mlp" in variants else dcgan_digits).get_config(arg)
+  variants = defaults.variants(arg, VARIANTS)
+  base = gan_digits if "mlp" in variants else dcgan_digits
+  c = base.get_config(",".join(sorted(variants - {"concat", "mlp"})))
   c.model.conditional = True
   if "concat" in variants:
     c.model.conditioning = "concat"

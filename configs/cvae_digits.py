@@ -13,6 +13,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import vae_digits  # pylint: disable=g-import-not-at-top
 
 
+VARIANTS = vae_digits.VARIANTS
+
+
 def get_config(arg: str = ""):
   c = vae_digits.get_config(arg)
   c.model.conditional = True

@@ -14,11 +14,13 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import gan_digits  # pylint: disable=g-import-not-at-top
 
+VARIANTS = gan_digits.VARIANTS
+
 
 def get_config(arg: str = ""):
   c = gan_digits.get_config(arg)
   c.model.update(arch="dcgan", latent_dim=32, g_hidden=(), d_hidden=(), g_channels=(64, 32),
                  d_channels=(32, 64))
-  if "smoke" in arg:
+  if "smoke" in arg.split(","):
     c.model.update(g_channels=(16, 8), d_channels=(8, 16))
   return c

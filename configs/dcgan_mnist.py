@@ -18,15 +18,21 @@ sys.path.insert(0, os.path.dirname(__file__))
 import dcgan_digits  # pylint: disable=g-import-not-at-top
 
 
+from genflax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-order
+
+VARIANTS = (*dcgan_digits.VARIANTS, "conditional")
+
+
 def get_config(arg: str = ""):
-  c = dcgan_digits.get_config(arg)
+  variants = defaults.variants(arg, VARIANTS)
+  c = dcgan_digits.get_config(",".join(sorted(variants - {"conditional"})))
   c.data.name = "mnist"
   c.model.update(latent_dim=100, g_channels=(128, 64), d_channels=(64, 128),
-                 conditional="conditional" in arg)
+                 conditional="conditional" in variants)
   c.train.update(num_steps=10000, log_every_steps=500, eval_every_steps=2500,
                  ckpt_every_steps=2500)
   c.eval.update(fid_samples=2000, final_fid_samples=5000)  # of 10,000 test images
-  if "smoke" in arg:
+  if "smoke" in variants:
     c.model.update(g_channels=(16, 8), d_channels=(8, 16))
     c.eval.update(fid_samples=200, final_fid_samples=200)
   return c

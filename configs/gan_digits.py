@@ -20,8 +20,11 @@ import ml_collections
 from genflax import defaults
 
 
+VARIANTS = ("hinge", "wgan", "r1", "sn", "smoke")
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = set(filter(None, arg.split(",")))
+  variants = defaults.variants(arg, VARIANTS)
   c = defaults.base("gan", "digits", batch_size=64)
   del c.optim  # G and D have their own
   c.model = ml_collections.ConfigDict(dict(

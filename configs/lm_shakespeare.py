@@ -19,8 +19,11 @@ import ml_collections
 from genflax import defaults
 
 
+VARIANTS = ("nano", "baby", "spm", "rotary", "smoke")
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = set(filter(None, arg.split(",")))
+  variants = defaults.variants(arg, VARIANTS)
   c = defaults.base("lm", "shakespeare", batch_size=12)
   c.tokenizer = ml_collections.ConfigDict(dict(
       kind="char",                 # char | sentencepiece (trained on the train split)

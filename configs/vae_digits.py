@@ -17,8 +17,11 @@ import ml_collections
 from genflax import defaults
 
 
+VARIANTS = ("conv", "smoke")
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  variants = set(filter(None, arg.split(",")))
+  variants = defaults.variants(arg, VARIANTS)
   c = defaults.base("vae", "digits", batch_size=128)
   c.model = ml_collections.ConfigDict(dict(
       arch="conv" if "conv" in variants else "mlp",

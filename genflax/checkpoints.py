@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 
 import filelock
 import orbax.checkpoint as ocp
@@ -26,15 +27,34 @@ IDENTITY_KEYS = ("task", "model", "data.name")
 NOT_IDENTITY = ("model.dense_grads",)
 
 
-class _QuietOrbaxErrors(logging.Filter):
+class _QuietOrbax(logging.Filter):
   """Orbax logs a failed background save as several tracebacks from its threads;
-  genflax reports it once, in one line (CheckpointError), so those are dropped."""
+  genflax reports it once, in one line (CheckpointError), so those are dropped,
+  and so are its warnings that a read-only manager (genflax.sample's) is read-only."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.levelno >= logging.ERROR:
+      return False
+    return "read only" not in record.getMessage() and "read_only" not in record.getMessage()
 
 
-logging.getLogger("absl").addFilter(_QuietOrbaxErrors())
+logging.getLogger("absl").addFilter(_QuietOrbax())
+
+
+class _QuietOrbaxTasks(logging.Filter):
+  """An unreadable checkpoint also leaves Orbax coroutines whose exception nobody
+  retrieves; asyncio logs each with its traceback. genflax names the checkpoint."""
+
+  def filter(self, record):
+    if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
+      return True
+    frames = traceback.extract_tb(record.exc_info[2])
+    return not any(f"{os.sep}orbax{os.sep}" in f.filename for f in frames)
+
+
+logging.getLogger("asyncio").addFilter(_QuietOrbaxTasks())
 
 
 def manager(workdir: str, keep: int | None = None, read_only: bool = False
@@ -116,7 +136,6 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, log=print, primary: boo
   """
   directory = str(mngr.directory)
   unreadable = []
-  _quiet_closed_loop_callbacks()
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
@@ -144,17 +163,24 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, log=print, primary: boo
   return None
 
 
-def _quiet_closed_loop_callbacks():
-  """After a failed restore, TensorStore's threads call back into Orbax's closed
-  event loop, and Python prints each RuntimeError as a traceback (through
-  sys.excepthook): dozens of them, where one line says what happened."""
-  previous = sys.excepthook
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed save or restore, TensorStore's threads call back into Orbax's
+  closed event loop, and Orbax's abandoned read coroutines are collected with
+  their exception still set; Python prints each as an "unraisable" traceback:
+  dozens of them, where genflax says in one line what happened."""
+  previous = sys.unraisablehook
 
-  def hook(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-      previous(kind, value, tb)
+  def hook(unraisable):
+    error = unraisable.exc_value
+    closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    if not (closed_loop or any(f"{os.sep}orbax{os.sep}" in f.filename for f in frames)):
+      previous(unraisable)
 
-  sys.excepthook = hook
+  sys.unraisablehook = hook
+
+
+_quiet_closed_loop_callbacks()
 
 
 def identity(config: dict) -> dict:

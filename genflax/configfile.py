@@ -3,9 +3,11 @@
 Loaded here for `genflax.main`, the sweeps and the tests alike (no flags:
 importing this defines none).
 """
+import contextlib
 import difflib
 import importlib.util
 import os
+import traceback
 
 from genflax.errors import ConfigError
 
@@ -14,7 +16,10 @@ def load_config(spec: str):
   """`path.py[:arg]` -> the ConfigDict its get_config returns."""
   path, _, arg = spec.partition(":")
   module = load_module(path, f"--config {spec}")
-  return module.get_config(arg) if arg else module.get_config()
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config {spec}: {path} has no get_config(arg) function")
+  with reported(path):
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def load_module(path: str, where: str):
@@ -23,8 +28,27 @@ def load_module(path: str, where: str):
     raise ConfigError(f"{where}: there is no file {path!r}")
   module_spec = importlib.util.spec_from_file_location("genflax_config", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  with reported(path):
+    module_spec.loader.exec_module(module)
   return module
+
+
+@contextlib.contextmanager
+def reported(path: str):
+  """A config file's own error (a syntax error, a bad line) as one ConfigError
+  naming the file and line where it happened."""
+  try:
+    yield
+  except ConfigError:
+    raise
+  except SyntaxError as e:
+    raise ConfigError(f"{e.filename}:{e.lineno}: {e.msg} (in the config file)") from None
+  except Exception as e:  # pylint: disable=broad-except  # any error in the user's file
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.dirname(os.path.abspath(f.filename)) == os.path.dirname(
+                  os.path.abspath(path))]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else path
+    raise ConfigError(f"{where}: {type(e).__name__}: {e} (in the config file)") from None
 
 
 def flat_keys(config, prefix: str = "") -> list[str]:

@@ -5,6 +5,20 @@ a key means the same thing in every experiment. Durations are in steps.
 """
 import ml_collections
 
+from genflax.errors import ConfigError
+
+
+def variants(arg: str, known) -> set[str]:
+  """The comma-separated variants of a config's `:arg`; an unknown one is an error
+  that lists those the config has."""
+  chosen = set(filter(None, arg.split(",")))
+  unknown = sorted(chosen - set(known))
+  if unknown:
+    raise ConfigError(f"unknown variant{'s' if len(unknown) > 1 else ''} "
+                      f"{', '.join(map(repr, unknown))} in ':{arg}'; this config's variants "
+                      f"are {', '.join(sorted(known))} (comma-separated)")
+  return chosen
+
 
 def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

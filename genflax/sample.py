@@ -8,7 +8,7 @@ import sys
 
 from absl import flags
 
-from genflax import trainer
+from genflax import checks, trainer
 from genflax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
@@ -29,6 +29,10 @@ def main(argv) -> int:
     FLAGS(argv)
     if not FLAGS.workdir:
       raise UserError("--workdir is missing: name a trained run's workdir")
+    if FLAGS.num < 1 or FLAGS.max_new_tokens < 0:
+      raise UserError(f"--num={FLAGS.num} must be >= 1 and --max_new_tokens="
+                      f"{FLAGS.max_new_tokens} >= 0")
+    checks.sampling(FLAGS, "--")
     task, setup, state, step = trainer.load_run(FLAGS.workdir)
     print(f"{setup.config.task} from {FLAGS.workdir}, step {step}")
     task.generate(setup, state, FLAGS)

@@ -2,6 +2,8 @@
 
 A family is a module in `genflax.tasks` (named by `config.task`) with:
 
+  check(config)                           its config values, before any work (ConfigError);
+                                           genflax/checks.py has the shared sections
   datasets(config, workdir) -> (train, test, info)  {name: [N, ...]} numpy, one
                                            row per example; info describes them
   build(config, info) -> setup            static parts (modules, optimizers) and
@@ -15,7 +17,7 @@ A family is a module in `genflax.tasks` (named by `config.task`) with:
   samples(setup, state, batch, rng) -> pytree    pure, jitted here; `batch` is the
                                            first eval.num_samples test examples
   write_samples(setup, samples, writer, step)   on the host: PNGs, text
-  learning_rates(setup, step) -> {name: lr}
+  learning_rates(setup, step) -> {name: lr}   the rates update `step` (from 0) used
   generate(setup, state, args)            `python -m genflax.sample`: writes samples
 
 The loop wraps the family's state as {"step", "rng", "task"}; the step's RNG
@@ -38,7 +40,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from genflax import checkpoints, data, metrics, optim, sharding
+from genflax import checkpoints, checks, data, evaluation, metrics, optim, sharding
 from genflax.errors import ConfigError, UserError
 
 
@@ -63,10 +65,7 @@ def check_step(config, mesh) -> None:
   """The step's settings fit the mesh: data.batch_size splits into
   train.microbatches pieces that each split over it; train.grad_allreduce."""
   optim.check_grad_allreduce(config.train, mesh)
-  b, m = config.data.batch_size, config.train.microbatches
-  if m < 1 or b % m:
-    raise ConfigError(f"train.microbatches={m} does not divide data.batch_size={b}: "
-                      f"use a divisor of {b}")
+  b, m = config.data.batch_size, config.train.microbatches  # m divides b (genflax/checks.py)
   key = "data.batch_size" if m == 1 else f"data.batch_size / train.microbatches = {b} / {m}"
   sharding.check_batch_size(mesh, key, b // m)
 
@@ -79,6 +78,7 @@ def train(config, workdir: str, on_eval: Callable | None = None) -> dict:
   a sweep's pruner (genflax/sweep/trial.py).
   """
   task = load_task(config.task)
+  checks.config(config, task)  # every value, before any work
   mesh = sharding.make_mesh(config.mesh)
   check_step(config, mesh)
   sharding.check_batch_size(mesh, "eval.batch_size", config.eval.batch_size)
@@ -126,8 +126,8 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
     if hasattr(task, "evaluate"):
       values = task.evaluate(setup, state["task"], test_data, eval_rng, final)
     else:
-      values = evaluate(eval_step, state, test_data, config.eval.batch_size, batch_sh,
-                        eval_rng, final)
+      values = evaluation.split_means(eval_step, state, test_data, config.eval.batch_size,
+                                      batch_sh, eval_rng, final)
     writer.scalars(step, "final" if final else "eval", values)
     log(f"{'final eval' if final else 'eval'} step {step}  {metrics.format_values(values)}")
     samples = samples_fn(state, sharding.put_batch(sample_batch, repl), eval_rng)
@@ -189,7 +189,7 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
           values = check_finite(pending)
           now = time.time()
           rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-          values.update(task.learning_rates(setup, step))
+          values.update(task.learning_rates(setup, step - 1))  # of the step just logged
           values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
           writer.scalars(step, "train", values)
           eta = metrics.format_duration((config.train.num_steps - step) / max(rate, 1e-9))
@@ -257,6 +257,7 @@ def build(config, workdir: str, task=None, mesh=None) -> Run:
   """The data, the family's setup, the state's layout and the compiled train
   step of `config`: what `train` runs, and what benchmarks/ time."""
   task = task or load_task(config.task)
+  checks.config(config, task)
   mesh = mesh or sharding.make_mesh(config.mesh)
   check_step(config, mesh)
   train_data, test_data, info = task.datasets(config, workdir)
@@ -325,28 +326,6 @@ def load_run(workdir: str):
     raise UserError(f"{workdir} has no checkpoint yet: train it first")
   state, meta = restored
   return task, setup, state["task"], int(meta["step"])
-
-
-def evaluate(eval_step, state, arrays: dict, batch_size: int, batch_sh, rng, final) -> dict:
-  """Means of per-example eval values over a whole split (last batch padded, masked)."""
-  n = len(next(iter(arrays.values())))
-  count, rank = jax.process_count(), jax.process_index()
-  sums = {}
-  for start in range(0, n, batch_size):
-    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
-    valid = len(next(iter(batch.values())))
-    batch = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - valid, 0)])
-             for k, v in batch.items()}
-    share = batch_size // count
-    local = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
-    out = eval_step(state, sharding.put_batch(local, batch_sh),
-                    jax.random.fold_in(rng, start), final)
-    # One process holds every row; the gather would compile a program per output.
-    out = (multihost_utils.process_allgather(out, tiled=True) if count > 1
-           else jax.device_get(out))
-    for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + float(np.asarray(v, np.float64)[:valid].sum())
-  return {k: v / n for k, v in sums.items()}
 
 
 def check_finite(pending) -> dict:

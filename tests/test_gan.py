@@ -81,12 +81,11 @@ def test_dcgan_sizes_itself_from_the_image_shape():
 
 
 def test_step_settings_it_cannot_honour_are_refused():
-  info = data.DatasetInfo("fake", (8, 8, 1), 10, 256, 100, 100)
   for key, value, message in (
       ("train.microbatches", 2, "gradient accumulation is not supported, use 1"),
       ("train.grad_allreduce", "flat", "use per_param")):
     with pytest.raises(ConfigError, match=message):
-      gan.build(helpers.config("gan_digits", "smoke", **{key: value}), info)
+      gan.check(helpers.config("gan_digits", "smoke", **{key: value}))
 
 # ---- Penalties against finite differences
 

@@ -395,6 +395,19 @@ def test_sample_cli_continues_several_prompts(smoke_run):
   assert texts[0].startswith("0\nROMEO:") and texts[1].startswith("1\nJULIET\nO")
 
 
+@pytest.mark.parametrize("flag,message", [
+    ("--top_p=0", "--top_p=0.0: must be in (0, 1]"),
+    ("--temperature=-0.5", "--temperature=-0.5: must be >= 0"),
+    ("--top_k=-1", "--top_k=-1: must be >= 0"),
+])
+def test_sampling_flags_that_would_mask_every_token_are_refused(smoke_run, flag, message):
+  workdir, _ = smoke_run
+  result = helpers.cli("--workdir", workdir, "--prompt", "ROMEO:", flag, module="genflax.sample")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+
+
 def test_sentencepiece_datasets_measure_tokens_per_char_and_byte(tmp_path):
   config = helpers.config("lm_shakespeare", "spm,smoke")
   train, test, info = lm.datasets(config, str(tmp_path))
@@ -411,3 +424,18 @@ def test_sizes_written_out_are_variants():
     assert transformer.get_variant(bad) is None
   with pytest.raises(ConfigError, match="or a size L<layers>-D<width>"):
     lm.variant(helpers.config("lm_shakespeare", **{"model.variant": "L4-D100-H3"}))
+
+
+def test_evaluation_in_batches_that_do_not_divide_the_split_counts_every_window_once(tmp_path):
+  """64 eval windows in batches of 24 (the last padded with 8 copies, masked) on 8
+  devices give the means of one batch of all 64."""
+  results = []
+  for batch in (24, 64):
+    config = helpers.config("lm_shakespeare", **{"eval.batch_size": batch})
+    _, test, info = lm.datasets(config, str(tmp_path))
+    setup = lm.build(config, info)
+    params = lm.init(setup, jax.random.PRNGKey(0))
+    assert len(test["tokens"]) == 64
+    results.append(lm.evaluate(setup, nn.unbox(params), test, jax.random.PRNGKey(1), False))
+  assert results[0] == pytest.approx(results[1], rel=1e-6)
+  assert results[0]["loss"] > 3  # an untrained model: near log(vocabulary)

@@ -173,6 +173,11 @@ def test_a_trial_pinned_to_one_core_splits_no_more_devices_than_it_has():
     (["--sweep", "nosuch"], ["has no such sweep", "'latent_beta'"]),
     (["--param", "model.beta"], ["write KEY=SPACE"]),
     ([], ["the sweep varies nothing"]),
+    (["--param", "eval.iwae_chunk=[4, 3]"],
+     ["the trial with eval.iwae_chunk=3 would stop at once", "must divide eval.iwae_k=4"]),
+    (["--param", ':arch=["", conv]', "--param", "model.channels=[(), (8,)]"],
+     ["the trial with :arch=conv, model.channels=() would stop", "(at least one)"]),
+    (["--param", ":arch=[convv]"], ["unknown variant 'convv' in ':smoke,convv'"]),
 ])
 def test_bad_sweeps_stop_before_any_trial(tmp_path, args, expected):
   message = _error(sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll", *args))
@@ -194,10 +199,12 @@ def test_dry_run_prints_every_grid_point_and_runs_nothing(tmp_path):
 
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory):
-  """2 workers, a grid of 4 points: 3 train, one fails (3 microbatches of 128)."""
+  """2 workers, a grid of 4 points: two train, two fail (a learning rate of 1e30
+  makes the loss non-finite)."""
   workdir = tmp_path_factory.mktemp("grid")
   result = sweep_cli(SMOKE, f"--workdir={workdir}", "--metric=iwae_nll", "--workers=2",
-                     "--param=model.hidden=[(16,), (8, 8)]", "--param=train.microbatches=[1, 3]",
+                     "--param=model.hidden=[(16,), (8, 8)]", "--param=optim.lr=[1e-3, 1e30]",
+                     "--config.optim.warmup_steps=0", "--config.optim.schedule=constant",
                      "--config.train.num_steps=8", "--config.train.eval_every_steps=4")
   return workdir, result
 
@@ -207,27 +214,26 @@ def test_two_workers_run_every_grid_point_once(grid_sweep):
   assert result.returncode == 0, result.stdout + result.stderr
   done = trials(workdir)
   assert len(done) == 4
-  points = sorted((t.params["model.hidden"], t.params["train.microbatches"]) for t in done)
-  assert points == [("(16,)", 1), ("(16,)", 3), ("(8, 8)", 1), ("(8, 8)", 3)]
+  points = sorted((t.params["model.hidden"], t.params["optim.lr"]) for t in done)
+  assert points == [("(16,)", 1e-3), ("(16,)", 1e30), ("(8, 8)", 1e-3), ("(8, 8)", 1e30)]
   assert "worker 0:" in result.stdout and "worker 1:" in result.stdout
   for t in done:
-    assert f"--config.train.microbatches={t.params['train.microbatches']}" in t.user_attrs["command"]
-    if t.state.name == "FAIL":
-      continue  # stopped before writing its config
+    assert f"--config.optim.lr={t.params['optim.lr']!r}" in t.user_attrs["command"]
     config = json.load(open(workdir / "trials" / str(t.number) / "config.json"))
     assert tuple(config["model"]["hidden"]) == space.parse("h", t.params["model.hidden"]).values[0]
-    assert config["train"]["microbatches"] == t.params["train.microbatches"]
+    assert config["optim"]["lr"] == t.params["optim.lr"]
     assert config["train"]["num_steps"] == 8
 
 
 def test_a_failing_trial_is_recorded_with_its_error_and_the_others_finish(grid_sweep):
   workdir, _ = grid_sweep
-  states = {t.params["train.microbatches"]: set() for t in trials(workdir)}
+  states = {t.params["optim.lr"]: set() for t in trials(workdir)}
   for t in trials(workdir):
-    states[t.params["train.microbatches"]].add(t.state.name)
+    states[t.params["optim.lr"]].add(t.state.name)
     if t.state.name == "FAIL":
-      assert t.user_attrs["error"].startswith("train.microbatches=3 does not divide data.batch_size=128")
-  assert states == {1: {"COMPLETE"}, 3: {"FAIL"}}
+      assert t.user_attrs["error"].startswith("non-finite ") and " at step " in t.user_attrs["error"]
+      assert "no checkpoint has been saved yet" in t.user_attrs["error"]
+  assert states == {1e-3: {"COMPLETE"}, 1e30: {"FAIL"}}
 
 
 def test_the_report_tables_equal_the_trials_results(grid_sweep, tmp_path):
@@ -244,7 +250,7 @@ def test_the_report_tables_equal_the_trials_results(grid_sweep, tmp_path):
         assert float(r[key]) == pytest.approx(results[key], rel=1e-12)
       assert r["best_eval_step"] == "4" and float(r["wall_s"]) > 0
     else:
-      assert not path.exists() and "does not divide" in r["error"]
+      assert not path.exists() and "non-finite" in r["error"]
   best = min((r for r in rows.values() if r["state"] == "complete"), key=lambda r: float(r["iwae_nll"]))
   assert f"best: trial {best['trial']}" in result.stdout
   assert f"--workdir={workdir}/best" in result.stdout
@@ -303,17 +309,17 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
 
 
 def test_the_median_pruner_stops_a_clearly_worse_trial(tmp_path):
-  """lr=0 does not train: at its first evaluation it is worse than the median of
+  """lr=1e-9 hardly trains: at its first evaluation it is worse than the median of
   the two trials before it, and stops there, keeping its checkpoint and metrics."""
   result = sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll",
-                     "--param=optim.lr=[3e-3, 2e-3, 0.0]", "--pruner=median",
+                     "--param=optim.lr=[3e-3, 2e-3, 1e-9]", "--pruner=median",
                      "--pruner_startup_trials=2", "--seed=5",
                      "--config.train.num_steps=16", "--config.train.eval_every_steps=4",
                      "--config.optim.warmup_steps=0")
   assert result.returncode == 0, result.stdout + result.stderr
   done = {t.params["optim.lr"]: t for t in trials(tmp_path)}
-  bad = done[0.0]
-  assert bad.number == 2, "the grid order (seed 5) must run lr=0 after the two others"
+  bad = done[1e-9]
+  assert bad.number == 2, "the grid order (seed 5) must run lr=1e-9 after the two others"
   assert [done[3e-3].state.name, done[2e-3].state.name, bad.state.name] == [
       "COMPLETE", "COMPLETE", "PRUNED"]
   assert bad.user_attrs["pruned_at_step"] == 4 and list(bad.intermediate_values) == [4]

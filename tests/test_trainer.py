@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from genflax import data, optim, sharding, trainer
+from genflax import checks, data, optim, sharding, trainer
 from genflax.errors import ConfigError
 from tests import helpers
 
@@ -55,6 +55,9 @@ def test_run_writes_metrics_images_checkpoints_and_config(smoke_run):
   assert [r["step"] for r in train_rows] == [4, 8, 12]
   for key in ("loss", "rec", "kl", "lr", "steps_per_s", "examples_per_s"):
     assert np.isfinite(train_rows[-1][key])
+  # The learning rate logged at step 4 is the one its update (the 4th, count 3) used.
+  schedule = optim.schedule(helpers.config("vae_digits").optim, 12)
+  assert [r["lr"] for r in train_rows] == pytest.approx([float(schedule(s - 1)) for s in (4, 8, 12)])
   assert [r["step"] for r in rows if r["split"] == "eval"] == [8]
   assert [r["step"] for r in rows if r["split"] == "final"] == [12]
   for name in ("reconstructions", "samples", "interpolations"):
@@ -473,7 +476,7 @@ def test_flat_allreduce_needs_replicated_parameters():
   config = helpers.config("vae_digits", **{"train.grad_allreduce": "ring"})
   with pytest.raises(ConfigError, match=r"train.grad_allreduce='ring': expected one of "
                                         r"\('per_param', 'flat', 'reduce_scatter'\)"):
-    trainer.check_step(config, sharding.make_mesh(config.mesh))
+    checks.config(config, trainer.load_task("vae"))
   config = helpers.config("vae_digits", **{"train.grad_allreduce": "reduce_scatter",
                                            "mesh.data": 3})
   with pytest.raises(ConfigError, match=r"over the 3 batch shards .* which must divide 1024"):

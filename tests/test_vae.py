@@ -126,3 +126,13 @@ def test_row_major_dense_grads_give_the_same_step_without_transposed_matmuls():
   assert float(metrics["loss"]) == pytest.approx(float(xla_metrics["loss"]), rel=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                state["params"], xla_state["params"])
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+def test_bits_per_dimension_only_for_a_likelihood_of_the_discrete_pixels(likelihood):
+  setup, _, test = _setup(**{"model.likelihood": likelihood, "model.hidden": (16,),
+                             "model.latent_dim": 2, "eval.iwae_k": 2})
+  state = vae.init(setup, jax.random.PRNGKey(0))
+  batch = {k: jnp.asarray(v[:8]) for k, v in test.items()}
+  values = vae.eval_step(setup, state, batch, jax.random.PRNGKey(1), False)
+  assert sorted(values) == ["iwae_nll", "kl", "neg_elbo", "rec"]

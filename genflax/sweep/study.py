@@ -8,6 +8,7 @@ same workdir is refused.
 """
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import shlex
@@ -48,12 +49,16 @@ class Sweep:
     d = dataclasses.asdict(self)
     return {k: v for k, v in d.items() if k not in NOT_IDENTITY}
 
-  def trial_command(self, params: dict, workdir: str, python: str = sys.executable) -> list[str]:
-    """The `genflax.main` command line of a trial with these parameter values."""
+  def spec(self, params: dict) -> str:
+    """The --config FILE[:arg] of a trial: the base variants and those of its `:` axes."""
     path, _, arg = self.config.partition(":")
     variants = [v for v in arg.split(",") if v]
     variants += [params[k] for k in sorted(params) if k.startswith(":") and params[k]]
-    spec = f"{path}:{','.join(variants)}" if variants else path
+    return f"{path}:{','.join(variants)}" if variants else path
+
+  def trial_command(self, params: dict, workdir: str, python: str = sys.executable) -> list[str]:
+    """The `genflax.main` command line of a trial with these parameter values."""
+    spec = self.spec(params)
     values = {**self.overrides,
               **{k: space.format_value(v) for k, v in params.items() if not k.startswith(":")}}
     return [python, "-m", "genflax.main", f"--config={spec}", f"--workdir={workdir}",
@@ -106,6 +111,38 @@ def check(sweep: Sweep) -> None:
     values = s.values if isinstance(s, space.Choice) else (s.low, s.high)
     for v in values:
       set_value(copy.deepcopy(config), key, v, f"--param {key}={s}")
+  check_settings(sweep, spaces)
+
+
+MAX_CHECKED = 5000  # settings checked in full before the first trial
+
+
+def check_settings(sweep: Sweep, spaces: dict) -> None:
+  """Every setting the sweep can run (ranges: their bounds) passes the checks the
+  trial itself would make (genflax/checks.py), so that a bad combination stops
+  the sweep now, not at trial 17."""
+  from genflax import checks, trainer  # pylint: disable=g-import-not-at-top  # jax: only now
+  axes = {k: (s.values if isinstance(s, space.Choice) else (s.low, s.high))
+          for k, s in spaces.items()}
+  for values in itertools.islice(itertools.product(*axes.values()), MAX_CHECKED):
+    point = dict(zip(axes, values))
+    config = trial_config(sweep, point)
+    try:
+      checks.config(config, trainer.load_task(config.task))
+    except ConfigError as e:
+      shown = ", ".join(f"{k}={space.format_value(v)}" for k, v in point.items())
+      raise ConfigError(f"the trial with {shown} would stop at once: {e}") from None
+
+
+def trial_config(sweep: Sweep, point: dict):
+  """The config a trial with these values runs, as genflax.main builds it."""
+  config = configfile.load_config(sweep.spec(point))
+  for key, text in sweep.overrides.items():
+    set_value(config, key, parse_value(key, text, get(config, key)), f"--config.{key}={text}")
+  for key, value in point.items():
+    if not key.startswith(":"):
+      set_value(config, key, value, f"--param {key}")
+  return config
 
 
 def get(config, key: str):

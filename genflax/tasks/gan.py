@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genflax import data, metrics, optim
+from genflax import checks, data, metrics, optim
 from genflax.errors import ConfigError
 from genflax.tasks import gan_eval
 
@@ -123,12 +123,25 @@ def datasets(config, workdir: str):
   return data.load(config.data.name, config.data.data_dir or None)
 
 
-def build(config, info) -> Setup:
-  m, loss = config.model, config.loss
-  for key, value, allowed in (("model.arch", m.arch, ARCHS), ("loss.kind", loss.kind, LOSSES),
-                              ("model.conditioning", m.conditioning, CONDITIONINGS)):
-    if value not in allowed:
-      raise ConfigError(f"{key}={value!r}: expected one of {allowed}")
+def check(config) -> None:
+  """The GAN's config values (genflax/checks.py has the shared ones)."""
+  checks.one_of(config, "model.arch", ARCHS)
+  checks.integer(config, "model.latent_dim", 1)
+  for key in ("g_hidden", "d_hidden"):
+    checks.sizes(config, f"model.{key}")
+  for key in ("g_channels", "d_channels"):
+    checks.sizes(config, f"model.{key}", nonempty=config.model.arch == "dcgan")
+  checks.boolean(config, "model.conditional")
+  checks.one_of(config, "model.conditioning", CONDITIONINGS)
+  checks.boolean(config, "model.spectral_norm")
+  checks.one_of(config, "loss.kind", LOSSES)
+  checks.integer(config, "loss.n_critic", 1)
+  checks.number(config, "loss.gp_weight", low=0)
+  checks.number(config, "loss.r1_gamma", low=0)
+  checks.integer(config, "loss.r1_every", 1)
+  checks.number(config, "loss.ema_decay", low=0, below=1)
+  checks.integer(config, "eval.fid_samples", 0)
+  checks.integer(config, "eval.final_fid_samples", 0)
   if config.train.microbatches != 1:
     raise ConfigError(f"train.microbatches={config.train.microbatches}: the GAN step alternates "
                       "D and G updates on the whole batch; gradient accumulation is not "
@@ -137,9 +150,13 @@ def build(config, info) -> Setup:
     raise ConfigError(f"train.grad_allreduce={config.train.grad_allreduce!r}: the GAN step "
                       "sums its D and G gradients with XLA's per-parameter all-reduces; "
                       "use per_param")
+
+
+def build(config, info) -> Setup:
+  m, loss = config.model, config.loss
   h, w, _ = info.image_shape
   for name, chans in (("model.g_channels", m.g_channels), ("model.d_channels", m.d_channels)):
-    if m.arch == "dcgan" and (not chans or h % 2 ** len(chans) or w % 2 ** len(chans)):
+    if m.arch == "dcgan" and (h % 2 ** len(chans) or w % 2 ** len(chans)):
       raise ConfigError(f"{name}={tuple(chans)}: {len(chans)} stride-2 layers need H and W "
                         f"divisible by {2 ** len(chans)}, got {h}x{w}")
   if m.conditional and not info.num_classes:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genflax import data, optim, sharding, tokenizers, trainer
+from genflax import checks, data, evaluation, optim, sharding, tokenizers
 from genflax.errors import ConfigError
 from genflax.models import layers, transformer
 from genflax.models.transformer import Transformer
@@ -102,14 +102,25 @@ def variant(config) -> transformer.Variant:
   return v
 
 
+def check(config) -> None:
+  """The LM's config values (genflax/checks.py has the shared ones)."""
+  checks.one_of(config, "tokenizer.kind", tokenizers.KINDS)
+  if config.tokenizer.kind == "sentencepiece":
+    checks.integer(config, "tokenizer.vocab_size", 2)
+  variant(config)
+  checks.one_of(config, "model.positions", transformer.POSITIONS)
+  checks.one_of(config, "model.norm", transformer.NORMS)
+  checks.one_of(config, "model.attention", transformer.ATTENTIONS)
+  checks.one_of(config, "model.dense_grads", layers.DENSE_GRADS)
+  checks.boolean(config, "model.tie_embeddings")
+  checks.number(config, "model.dropout", low=0, below=1)
+  checks.integer(config, "eval.num_windows", 0)
+  checks.integer(config, "eval.sample_tokens", 0)
+  checks.sampling(config.eval, "eval.")
+
+
 def build(config, info: TextInfo) -> Setup:
   m = config.model
-  if m.positions not in transformer.POSITIONS:
-    raise ConfigError(f"model.positions={m.positions!r}: expected one of {transformer.POSITIONS}")
-  if m.norm not in transformer.NORMS:
-    raise ConfigError(f"model.norm={m.norm!r}: expected one of {transformer.NORMS}")
-  if m.attention not in transformer.ATTENTIONS:
-    raise ConfigError(f"model.attention={m.attention!r}: expected one of {transformer.ATTENTIONS}")
   model = Transformer(info.tokenizer.vocab_size, variant(config), m.positions, m.norm,
                       m.tie_embeddings, m.dropout, m.attention, layers.dense_grads(m.dense_grads))
   steps = config.train.num_steps
@@ -188,8 +199,8 @@ _eval_step = jax.jit(eval_step, static_argnums=(0, 4))
 def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
   """eval_step's means over the eval windows, plus perplexity = exp(mean loss)."""
   step = lambda s, b, r, f: _eval_step(setup, s, b, r, f)
-  values = trainer.evaluate(step, state, test, setup.config.eval.batch_size,
-                            sharding.batch_sharding(setup.mesh), rng, final)
+  values = evaluation.split_means(step, state, test, setup.config.eval.batch_size,
+                                  sharding.batch_sharding(setup.mesh), rng, final)
   values["perplexity"] = math.exp(values["loss"])
   return values
 

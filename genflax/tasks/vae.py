@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.special import log_ndtr
 
-from genflax import data, metrics, optim, sharding
+from genflax import checks, data, metrics, optim, sharding
 from genflax.errors import ConfigError
 from genflax.models import layers
 
@@ -116,12 +116,33 @@ def datasets(config, workdir: str):
   return data.load(config.data.name, config.data.data_dir or None)
 
 
+def check(config) -> None:
+  """The VAE's config values (genflax/checks.py has the shared ones)."""
+  checks.one_of(config, "model.arch", ARCHS)
+  checks.one_of(config, "model.likelihood", LIKELIHOODS)
+  checks.sizes(config, "model.hidden")
+  checks.sizes(config, "model.channels", nonempty=config.model.arch == "conv")
+  checks.integer(config, "model.latent_dim", 1)
+  checks.number(config, "model.obs_sigma", above=0)
+  checks.number(config, "model.beta", low=0)
+  checks.boolean(config, "model.conditional")
+  checks.one_of(config, "model.dense_grads", layers.DENSE_GRADS)
+  for key in ("iwae_k", "final_iwae_k", "iwae_chunk"):
+    checks.integer(config, f"eval.{key}", 1)
+  for key in ("iwae_k", "final_iwae_k"):
+    k = config.eval[key]
+    if k % min(k, config.eval.iwae_chunk):
+      raise ConfigError(f"eval.iwae_chunk={config.eval.iwae_chunk} must divide eval.{key}={k} "
+                        "(the importance samples go through the decoder in chunks of it)")
+
+
 def build(config, info) -> Setup:
   m = config.model
-  if m.likelihood not in LIKELIHOODS:
-    raise ConfigError(f"model.likelihood={m.likelihood!r}: expected one of {LIKELIHOODS}")
-  if m.arch not in ARCHS:
-    raise ConfigError(f"model.arch={m.arch!r}: expected one of {ARCHS}")
+  rows = info.num_classes if m.conditional else 8
+  if not 2 * rows <= config.eval.num_samples <= info.num_test:
+    raise ConfigError(f"eval.num_samples={config.eval.num_samples}: the interpolations pair "
+                      f"{rows} test images with {rows} others; use {2 * rows} to "
+                      f"{info.num_test}")
   h, w, _ = info.image_shape
   if m.arch == "conv" and (h % 2 ** len(m.channels) or w % 2 ** len(m.channels)):
     raise ConfigError(f"model.channels={tuple(m.channels)}: {len(m.channels)} stride-2 "
@@ -267,9 +288,7 @@ def iwae_bound(setup: Setup, params, x, y, rng, k: int):
   The k samples go through the decoder in chunks so that k = 1000 fits in memory.
   """
   mu, logvar = setup.model.apply({"params": params}, x, y, method=VAE.encode)
-  chunk = min(k, setup.config.eval.iwae_chunk)
-  if k % chunk:
-    raise ConfigError(f"eval.iwae_chunk={chunk} must divide the number of samples {k}")
+  chunk = min(k, setup.config.eval.iwae_chunk)  # divides k (checked with the config)
 
   def log_weights(rng):  # -> [chunk, B]
     eps = jax.random.normal(rng, (chunk, *mu.shape))
@@ -286,7 +305,10 @@ def iwae_bound(setup: Setup, params, x, y, rng, k: int):
 
 
 def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
-  """Per test image: -ELBO and the IWAE NLL bound, in nats and bits per dimension.
+  """Per test image: -ELBO and the IWAE NLL bound in nats, and in bits per
+  dimension where they are probabilities of the discrete pixels (the
+  discretised Gaussian; a Gaussian density or a Bernoulli of grey levels has
+  no such reading).
 
   The bound takes eval.iwae_k importance samples, and eval.final_iwae_k at
   the final evaluation (so its names carry no k: one curve over the run).
@@ -296,9 +318,11 @@ def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
   rec, kl = elbo_terms(setup, state["params"], x, y, rng_elbo)
   k = setup.config.eval.final_iwae_k if final else setup.config.eval.iwae_k
   nll = -iwae_bound(setup, state["params"], x, y, rng_iwae, k)
-  dims = math.prod(setup.info.image_shape) * math.log(2)
-  return {"neg_elbo": rec + kl, "rec": rec, "kl": kl, "iwae_nll": nll,
-          "neg_elbo_bpd": (rec + kl) / dims, "iwae_bpd": nll / dims}
+  values = {"neg_elbo": rec + kl, "rec": rec, "kl": kl, "iwae_nll": nll}
+  if setup.config.model.likelihood == "discretized_gaussian":
+    dims = math.prod(setup.info.image_shape) * math.log(2)
+    values.update(neg_elbo_bpd=(rec + kl) / dims, iwae_bpd=nll / dims)
+  return values
 
 
 def samples(setup: Setup, state: dict, batch: dict, rng) -> dict:

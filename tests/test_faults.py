@@ -1,0 +1,107 @@
+"""Fault injection: runs of each family SIGKILLed again and again, then resumed.
+
+A seeded series of kills per family: some at a random moment of training,
+some timed into an asynchronous checkpoint save (while Orbax's temporary
+directory exists). After every kill the newest complete checkpoint must be
+no older than before; after the last, the run resumes to the end and its
+parameters and results.json must equal an uninterrupted run's, bitwise.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from genflax import checkpoints, trainer
+from tests import helpers
+
+pytestmark = pytest.mark.fault
+
+KILLS = 10
+FAMILIES = {  # config, overrides: long enough for ten kills, saves every few steps
+    "vae": ("vae_digits", {"train.num_steps": 3000, "train.ckpt_every_steps": 40,
+                           "train.log_every_steps": 40, "train.eval_every_steps": 1000}),
+    "gan": ("gan_digits", {"train.num_steps": 2000, "train.ckpt_every_steps": 40,
+                           "train.log_every_steps": 40, "train.eval_every_steps": 1000}),
+    "lm": ("lm_shakespeare", {"train.num_steps": 1500, "train.ckpt_every_steps": 30,
+                              "train.log_every_steps": 30, "train.eval_every_steps": 500}),
+}
+
+
+def _env() -> dict:
+  """One CPU device (not the tests' 8): each of the many restarts starts faster."""
+  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def _args(name, overrides, workdir):
+  return [f"--config=configs/{name}.py:smoke", f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def _saving(directory) -> bool:
+  try:
+    return any(d.endswith(".orbax-checkpoint-tmp") for d in os.listdir(directory))
+  except FileNotFoundError:
+    return False
+
+
+def _kill_once(args, ckpt_dir, rng) -> str:
+  """Starts the run and SIGKILLs it a few log steps into training: either at once
+  or as soon as a checkpoint save is under way. Says where the kill landed
+  ("" if the run ended first)."""
+  proc = subprocess.Popen([sys.executable, "-m", "genflax.main", *args], cwd=helpers.ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+  logs, wanted = 0, rng.randint(1, 4)
+  for line in proc.stdout:  # training, `wanted` log steps on from where it resumed
+    logs += line.startswith("step ") and "/" in line.split()[1]
+    if logs >= wanted:
+      break
+  into_save = rng.random() < 0.5
+  time.sleep(rng.uniform(0, 0.05))  # a random moment within the next steps
+  deadline = time.time() + 10
+  while into_save and not _saving(ckpt_dir) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.001)  # a save of these small states lasts tens of milliseconds
+  where = "during a save" if _saving(ckpt_dir) else "while training"
+  if proc.poll() is not None:
+    proc.stdout.read()
+    return ""
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return where
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ten_sigkills_then_resume_equal_an_uninterrupted_run(tmp_path, family):
+  name, overrides = FAMILIES[family]
+  straight, broken = tmp_path / "straight", tmp_path / "broken"
+  done = helpers.cli(*_args(name, overrides, straight), timeout=900, env=_env())
+  assert done.returncode == 0, done.stdout + done.stderr
+
+  rng = random.Random(f"faults-{family}")
+  ckpt_dir = broken / "checkpoints"
+  landed, newest = [], 0
+  while len(landed) < KILLS:
+    where = _kill_once(_args(name, overrides, broken), ckpt_dir, rng)
+    assert where, f"the run ended after {len(landed)} kills: lengthen it"
+    steps = checkpoints.committed(ckpt_dir)
+    latest = steps[-1] if steps else 0
+    assert latest >= newest, (where, steps, newest)  # nothing complete was lost
+    newest = latest
+    landed.append(where)
+  final = helpers.cli(*_args(name, overrides, broken), timeout=900, env=_env())
+  assert final.returncode == 0, final.stdout + final.stderr
+  print(f"{family}: {KILLS} SIGKILLs, {landed.count('during a save')} during a save, "
+        f"{landed.count('while training')} while training; the last resume began at step "
+        f"{newest}")
+
+  assert json.load(open(broken / "results.json")) == json.load(open(straight / "results.json"))
+  want = jax.tree.map(np.asarray, trainer.load_run(str(straight))[2])
+  got = jax.tree.map(np.asarray, trainer.load_run(str(broken))[2])
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert landed.count("during a save") >= 2
