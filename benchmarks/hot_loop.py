@@ -32,7 +32,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from genflax import configfile, main as genflax_main, trainer
+from genflax import configfile, main as genflax_main, tasks, trainer
 from genflax.models import layers
 
 
@@ -149,7 +149,7 @@ def build(config) -> tuple[trainer.Run, dict]:
   """What the trainer builds for `config` (its data, setup and compiled step), and the
   initial state."""
   built = trainer.build(config, "/tmp/genflax_benchmark")
-  return built, jax.jit(built.init, out_shardings=built.state_sh)(jax.random.PRNGKey(config.seed))
+  return built, jax.jit(built.init, out_shardings=built.state_sh)(*tasks.run_keys(config.seed))
 
 
 def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:

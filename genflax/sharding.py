@@ -10,6 +10,7 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genflax.errors import ConfigError
@@ -77,3 +78,25 @@ def put_batch(batch: dict, sharding: NamedSharding) -> dict:
   """This process's numpy share of a batch -> global arrays on the mesh."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in batch.items()}
+
+
+def process_0_first(make, what: str):
+  """make() on process 0, then on the others once it has returned.
+
+  For what a run builds once and saves (the LM's tokenizer, the GAN's
+  feature network): process 0 trains and saves it, the others then find it
+  and load it, on the shared filesystem that the checkpoints need anyway.
+  """
+  if jax.process_count() == 1:
+    return make()
+  out = make() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"genflax: {what}")
+  return out if jax.process_index() == 0 else make()
+
+
+def host_copy(tree):
+  """A pytree of global arrays as NumPy on every process (gathered where sharded)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return jax.tree.map(lambda a: np.asarray(a) if a.is_fully_replicated
+                      else multihost_utils.process_allgather(a, tiled=True), tree)

@@ -117,8 +117,7 @@ def load_or_train(kind: str, directory: str, train_text: str, vocab_size: int = 
 
 
 def _write(path: str, content: bytes) -> None:
-  # Every process of a multi-host run trains the same tokenizer; each writes
-  # a whole file and renames it, so a reader never sees half of one.
+  # A whole file, then renamed: a concurrent reader never sees half of one.
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "wb") as f:
     f.write(content)

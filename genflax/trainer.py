@@ -6,6 +6,7 @@ A family is a module in `genflax.tasks` (named by `config.task`) with:
                                            genflax/checks.py has the shared sections
   datasets(config, workdir) -> (train, test, info)  {name: [N, ...]} numpy, one
                                            row per example; info describes them
+                                           (`info.crops`, optional: data.Batches')
   build(config, info) -> setup            static parts (modules, optimizers) and
                                            `setup.config`
   init(setup, rng) -> state               a pytree (params, optimizer states, ...)
@@ -39,8 +40,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from genflax import checkpoints, checks, data, evaluation, metrics, optim, sharding
+from genflax import checkpoints, checks, data, evaluation, metrics, optim, sharding, tasks
 from genflax.errors import ConfigError, UserError
 
 
@@ -106,7 +108,7 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
   # ---- State: created (or restored) straight into its shardings
   restored = checkpoints.restore(mngr, run.abstract, log, primary=jax.process_index() == 0)
   if restored is None:
-    state = jax.jit(run.init, out_shardings=run.state_sh)(jax.random.PRNGKey(config.seed))
+    state = jax.jit(run.init, out_shardings=run.state_sh)(*tasks.run_keys(config.seed))
     step = 0
   else:
     state, meta = restored
@@ -155,7 +157,7 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
     run_eval(step)  # the interrupted run saved this step but did not finish its eval
 
   # ---- Train loop
-  stop = StopRequest()
+  stop = StopRequest(mesh)
   profile = Profiler(config.train.profile_steps, os.path.join(workdir, "profile"), log)
   pending = []  # (step, device metrics) not yet fetched to the host
   last_log_time, last_log_step, saved_step = time.time(), step, step
@@ -163,10 +165,7 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
   first_step = step + 1
   try:
     try:
-      # With several processes, they agree on stopping at log steps (the same
-      # steps everywhere), so all save the same step's checkpoint.
-      while step < config.train.num_steps and not stop.agreed(
-          sync=step % config.train.log_every_steps == 0):
+      while step < config.train.num_steps and not stop.agreed(step):
         profile(step, state)
         inputs = feed.inputs(step)
         with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
@@ -246,7 +245,7 @@ class Run:
   info: object             # task.datasets's
   feed: data.Feed          # the training batches, on the devices or from the host
   test_data: dict
-  init: Callable           # rng -> the trainer's state (plain arrays)
+  init: Callable           # tasks.run_keys(seed) -> the trainer's state (plain arrays)
   abstract: object         # its shapes, dtypes and shardings (what Orbax restores into)
   state_sh: object         # its shardings
   train_step: Callable     # (state, feed.inputs(step)) -> (state, metrics), jitted
@@ -261,7 +260,8 @@ def build(config, workdir: str, task=None, mesh=None) -> Run:
   mesh = mesh or sharding.make_mesh(config.mesh)
   check_step(config, mesh)
   train_data, test_data, info = task.datasets(config, workdir)
-  batches = data.Batches(train_data, config.data.batch_size, config.seed)
+  batches = data.Batches(train_data, config.data.batch_size, config.seed,
+                         crops=getattr(info, "crops", None))
   setup = task.build(config, info)
   feed = data.Feed(batches, sharding.batch_sharding(mesh), config.data.on_device_mb)
   init, abstract, state_sh = state_layout(task, setup, mesh)
@@ -293,19 +293,19 @@ def make_train_step(task, setup, state_sh, feed: data.Feed):
 def state_layout(task, setup, mesh):
   """(init, abstract, shardings) of the trainer's state, without creating it.
 
-  init(rng) -> {"step", "rng", "task"} with plain arrays; abstract: its shapes,
-  dtypes and shardings (what Orbax restores into).
+  init(init_key, train_key) -> {"step", "rng", "task"} with plain arrays (a run
+  gives it `tasks.run_keys(config.seed)`); abstract: its shapes, dtypes and
+  shardings (what Orbax restores into).
   """
-  def boxed_init(rng):
-    init_rng, train_rng = jax.random.split(rng)
-    return {"step": jnp.zeros((), jnp.int32), "rng": train_rng,
-            "task": task.init(setup, init_rng)}
+  def boxed_init(init_key, train_key):
+    return {"step": jnp.zeros((), jnp.int32), "rng": train_key,
+            "task": task.init(setup, init_key)}
 
-  boxed = jax.eval_shape(boxed_init, jax.random.PRNGKey(0))
+  boxed = jax.eval_shape(boxed_init, *tasks.run_keys(0))
   shardings = sharding.state_shardings(boxed, mesh, setup.config.sharding_rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
-  return (lambda rng: nn.unbox(boxed_init(rng))), abstract, shardings
+  return (lambda *keys: nn.unbox(boxed_init(*keys))), abstract, shardings
 
 
 def load_run(workdir: str):
@@ -365,27 +365,53 @@ class StopRequest:
 
   One process stops at the next step. Several processes must stop at the
   same step (saving a checkpoint is collective), and a preemption may reach
-  only some of them, or reach them steps apart: they exchange what they
-  received at steps where `agreed(sync=True)` is called on every process,
-  and all stop there if any process was signalled.
+  only some of them: before every step each process queues a small compiled
+  program that gathers every device's received signal (0 for none; each
+  process's own, placed once per value), and reads the previous step's
+  gather, which has finished by then. Every process reads the same values at
+  the same step, so all stop together, one or two steps after the signal
+  reached any of them, with no host round trip of their own.
   """
 
-  def __init__(self):
+  def __init__(self, mesh=None):
     self.signal = None   # the signal this process received (a signal.Signals)
     self.reason = None   # why the run stops, once agreed
+    self.step = 0        # the step agreed() last saw
+    self._received_at = None  # the step at which the signal came, until said
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    self._exchange = None
+    if jax.process_count() > 1:
+      # By process, so that row p of the gathered values is process p's.
+      devices = sorted(np.asarray(mesh.devices).flat, key=lambda d: (d.process_index, d.id))
+      flat = jax.sharding.Mesh(np.asarray(devices), ("all",))
+      self._sharding = NamedSharding(flat, P("all"))  # one value per device
+      self._exchange = jax.jit(lambda f: f, out_shardings=NamedSharding(flat, P()))
+      self._local = {}   # signal number -> its global array, made once
+      self._pending = None
 
-  def agreed(self, sync: bool) -> bool:
-    """Whether to stop now: at once with one process, else only at a sync."""
-    if jax.process_count() == 1:
+  def agreed(self, step: int) -> bool:
+    """Whether to stop now (call it before every step, on every process)."""
+    self.step = step
+    if self._received_at is not None:  # said here, not in the handler (print is not reentrant)
+      print(f"{self.signal.name} received by process {jax.process_index()} at step "
+            f"{self._received_at}", flush=True)
+      self._received_at = None
+    if self._exchange is None:
       self.reason = self.signal and self.signal.name
-    elif sync:
-      received = multihost_utils.process_allgather(np.int32(self.signal or 0))
+      return self.reason is not None
+    if self._pending is not None:
+      received = np.asarray(self._pending).reshape(jax.process_count(), -1)[:, 0]
       senders = np.flatnonzero(received)
       if len(senders):
         first = int(senders[0])
         self.reason = f"{signal.Signals(int(received[first])).name} (process {first})"
-    return self.reason is not None
+        return True
+    value = int(self.signal or 0)
+    if value not in self._local:
+      local = np.full(jax.local_device_count(), value, np.int32)
+      self._local[value] = jax.make_array_from_process_local_data(self._sharding, local)
+    self._pending = self._exchange(self._local[value])
+    return False
 
   def close(self):
     """Gives the signals back to whoever handled them before."""
@@ -393,6 +419,8 @@ class StopRequest:
       signal.signal(sig, handler)
 
   def _handle(self, signum, frame):
+    if self.signal is None:
+      self._received_at = self.step
     self.signal = signal.Signals(signum)
     # A second Ctrl-C kills at once, as usual.
     signal.signal(signum, signal.SIG_DFL)

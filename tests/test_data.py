@@ -257,12 +257,37 @@ def test_batch_size_errors():
     _batches(batch_size=10, process_index=0, process_count=3)
 
 
+def test_crops_take_each_row_at_an_offset_drawn_per_epoch():
+  """Rows of a stream [N, W] cropped to n: the crop is a contiguous piece of
+  its row, offsets cover [0, W - n], change with the epoch, and depend only on
+  (seed, epoch), so a resumed run sees the same windows."""
+  stream = np.arange(40 * 16).reshape(40, 16)  # row r holds 16r .. 16r + 15
+  make = lambda: data.Batches({"tokens": stream, "row": np.arange(40)}, 8, seed=1,
+                              crops={"tokens": 9})
+  batches = make()
+  starts = []
+  for position in range(15):  # 5 steps per epoch: 3 epochs
+    batch = batches.get(position)
+    assert batch["tokens"].shape == (8, 9)
+    offset = batch["tokens"][:, 0] - 16 * batch["row"]
+    assert ((0 <= offset) & (offset <= 7)).all()
+    np.testing.assert_array_equal(batch["tokens"], batch["tokens"][:, :1] + np.arange(9))
+    starts.append(dict(zip(batch["row"], offset)))
+  epochs = [{k: v for d in starts[e * 5:(e + 1) * 5] for k, v in d.items()} for e in range(3)]
+  assert set(np.concatenate([list(e.values()) for e in epochs])) == set(range(8))
+  assert epochs[0] != epochs[1] != epochs[2]
+  np.testing.assert_array_equal(make().get(12)["tokens"], batches.get(12)["tokens"])
+  plain = data.Batches({"tokens": stream, "row": np.arange(40)}, 8, seed=1)
+  np.testing.assert_array_equal(plain.get(12)["row"], batches.get(12)["row"])  # same order
+
+
 @pytest.mark.parametrize("on_device_mb", [0, 1])
 def test_feed_gives_the_batches_of_batches_get(on_device_mb):
   """Host-sent or gathered on 8 devices: exactly Batches.get(step), across epochs."""
   rng = np.random.default_rng(0)
-  arrays = {"image": rng.normal(size=(50, 4, 4, 1)), "label": rng.integers(0, 10, 50)}
-  batches = data.Batches(arrays, 8, seed=3)  # 6 steps per epoch
+  arrays = {"image": rng.normal(size=(50, 4, 4, 1)), "label": rng.integers(0, 10, 50),
+            "tokens": rng.integers(0, 99, (50, 12))}
+  batches = data.Batches(arrays, 8, seed=3, crops={"tokens": 7})  # 6 steps per epoch
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   feed = data.Feed(batches, sharding.batch_sharding(mesh), on_device_mb)
   assert feed.mode == ("device" if on_device_mb else "host")
@@ -271,6 +296,6 @@ def test_feed_gives_the_batches_of_batches_get(on_device_mb):
     got = get(feed.inputs(step), step)
     want = batches.get(step)
     for key in arrays:
-      assert got[key].dtype == {"image": np.float32, "label": np.int32}[key]
+      assert got[key].dtype == {"image": np.float32, "label": np.int32, "tokens": np.int32}[key]
       assert got[key].sharding.is_equivalent_to(sharding.batch_sharding(mesh), got[key].ndim)
       np.testing.assert_array_equal(np.asarray(got[key]), want[key].astype(got[key].dtype))

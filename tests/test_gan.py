@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 from PIL import Image
 
-from genflax import checkpoints, data, sharding, trainer
+from genflax import checkpoints, data, sharding, tasks, trainer
 from genflax.errors import ConfigError
 from genflax.tasks import gan, gan_eval
 from tests import helpers
@@ -197,9 +197,9 @@ def test_interrupted_run_resumes_bitwise(tmp_path):
       state = step(state, batches.get(i))
     return state
 
-  want = run(init(jax.random.PRNGKey(0)), 0, 12)
+  want = run(init(*tasks.run_keys(0)), 0, 12)
   mngr = checkpoints.manager(str(tmp_path))
-  checkpoints.save(mngr, 6, run(init(jax.random.PRNGKey(0)), 0, 6), {"step": 6})
+  checkpoints.save(mngr, 6, run(init(*tasks.run_keys(0)), 0, 6), {"step": 6})
   mngr.wait_until_finished()
   restored, meta = checkpoints.restore(mngr, abstract)
   got = run(restored, meta["step"], 12)
@@ -222,6 +222,33 @@ def test_conditional_run_samples_one_class_from_the_cli(tmp_path):
   result = helpers.cli("--workdir", workdir, "--label", "10", "--out", str(out),
                        module="genflax.sample")
   assert result.returncode == 2 and "--label=10: the model's classes are 0 to 9" in result.stderr
+
+
+def test_fid_init_scores_the_generator_the_run_started_from(tmp_path, features):
+  """A run of 0 steps evaluates its initial EMA generator: its FID is fid_init exactly."""
+  config = helpers.config("gan_digits", "smoke", **{
+      "train.num_steps": 0, "eval.final_fid_samples": 64, "seed": 3})
+  results = trainer.train(config, str(tmp_path))
+  assert results["step"] == 0
+  assert results["fid"] == results["fid_init"]
+
+
+def test_penalties_see_the_spectral_norm_the_loss_uses():
+  """R1 and the gradient penalty differentiate the same normalised D as the
+  loss: the penalty's D gives the loss's logits on the real images."""
+  config = helpers.config("gan_digits", "sn,smoke")
+  train, _, info = gan.datasets(config, "")
+  setup = gan.build(config, info)
+  state = gan.init(setup, jax.random.PRNGKey(0))
+  x, y = gan.inputs(setup, {k: v[:8] for k, v in train.items()})
+  fake = jax.random.uniform(jax.random.PRNGKey(1), x.shape, minval=-1, maxval=1)
+  params, sn = state["params"]["d"], state["sn"]
+  logits, new_sn = gan.apply_d(setup, params, sn, jnp.concatenate([x, fake]), y, update=True)
+  assert not jax.tree.all(jax.tree.map(np.array_equal, new_sn, sn))  # the power step moved u
+  penalty_d, _ = gan.apply_d(setup, params, sn, x, y)  # as d_update's d_fn calls it
+  np.testing.assert_allclose(penalty_d, logits[:8], rtol=1e-5, atol=1e-6)
+  stale_d, _ = gan.apply_d(setup, params, new_sn, x, y)  # what a later call would see
+  assert not np.allclose(stale_d, logits[:8], rtol=1e-5, atol=1e-6)
 
 
 def test_sharded_over_8_devices_equals_one_device(tmp_path):

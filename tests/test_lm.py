@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 import tensorflow_datasets as tfds
 from tensorboard.backend.event_processing import event_accumulator
 
-from genflax import data, sharding, tokenizers, trainer
+from genflax import data, sharding, tasks, tokenizers, trainer
 from genflax.data import shakespeare
 from genflax.errors import ConfigError
 from genflax.models import layers, transformer
@@ -107,6 +107,10 @@ def test_windows_cover_every_target_once():
   assert w.shape == (5, 5)
   np.testing.assert_array_equal(w[:, 1:].reshape(-1), ids[1:])
   np.testing.assert_array_equal(w[:, 0], [0, 4, 8, 12, 16])
+  rows = lm.windows(ids, 4, 8)  # the training rows: 2T from every T
+  assert rows.shape == (4, 8)
+  np.testing.assert_array_equal(rows[:, 0], [0, 4, 8, 12])
+  np.testing.assert_array_equal(rows[-1], ids[12:20])
 
 
 # ---- Model
@@ -259,14 +263,14 @@ def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
   assert params["block0"]["norm1"]["scale"].spec == P("fsdp")
   windows = lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]
   batch = {"tokens": windows}
-  sharded_state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+  sharded_state = jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))
   step = jax.jit(functools.partial(lm.train_step, sharded_setup),
                  in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
   got, got_metrics = step(sharded_state["task"], sharding.put_batch(
       batch, sharding.batch_sharding(mesh)), jax.random.PRNGKey(1))
   assert got["params"]["block0"]["attn"]["query"].sharding.is_equivalent_to(
       params["block0"]["attn"]["query"], 3)
-  want_state = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))
+  want_state = nn.unbox(lm.init(setup, tasks.run_keys(0)[0]))
   want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
       want_state, batch, jax.random.PRNGKey(1))
   assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
@@ -282,9 +286,9 @@ def test_sampling_on_a_sharded_mesh_picks_the_one_device_tokens():
   setup, _ = _setup()
   sharded_setup, _ = _setup(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   init, _, shardings = trainer.state_layout(lm, sharded_setup, sharded_setup.mesh)
-  sharded = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))["task"]["params"]
+  sharded = jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))["task"]["params"]
   assert sharded["block0"]["attn"]["key"].sharding.spec == P("fsdp", "tensor", None)
-  params = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))["params"]
+  params = nn.unbox(lm.init(setup, tasks.run_keys(0)[0]))["params"]
   prompts = jnp.asarray(lm.encode_prompts(setup, ["To be", "or not to"])[0])
   args = (prompts, 40, jax.random.PRNGKey(3), 0.0, 0, 1.0)  # 40 new tokens, context 16
   want = lm.generate_tokens(setup, params, *args)
@@ -304,10 +308,10 @@ def test_flat_allreduce_step_equals_the_one_device_step():
   batch = {"tokens": lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]}
   step = jax.jit(functools.partial(lm.train_step, flat_setup),
                  in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
-  got, got_metrics = step(jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))["task"],
+  got, got_metrics = step(jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))["task"],
                           sharding.put_batch(batch, sharding.batch_sharding(mesh)),
                           jax.random.PRNGKey(1))
-  want_state = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))
+  want_state = nn.unbox(lm.init(setup, tasks.run_keys(0)[0]))
   want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
       want_state, batch, jax.random.PRNGKey(1))
   assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
@@ -329,13 +333,13 @@ def test_reduce_scatter_step_equals_the_one_device_step():
   batch = {"tokens": lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]}
   step = jax.jit(functools.partial(lm.train_step, rs_setup),
                  in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
-  args = (jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))["task"],
+  args = (jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))["task"],
           sharding.put_batch(batch, sharding.batch_sharding(mesh)), jax.random.PRNGKey(1))
   hlo = step.lower(*args).compile().as_text()
   got, got_metrics = step(*args)
   mu = got["opt_state"][1][0].mu.decay
   assert {s.data.shape for s in mu.addressable_shards} == {(mu.shape[0] // 8,)}
-  want_state = nn.unbox(lm.init(setup, jax.random.split(jax.random.PRNGKey(0))[0]))
+  want_state = nn.unbox(lm.init(setup, tasks.run_keys(0)[0]))
   want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
       want_state, batch, jax.random.PRNGKey(1))
   assert float(want_metrics["grad_norm"]) > setup.config.optim.grad_clip  # clipping acts
@@ -412,7 +416,8 @@ def test_sentencepiece_datasets_measure_tokens_per_char_and_byte(tmp_path):
   config = helpers.config("lm_shakespeare", "spm,smoke")
   train, test, info = lm.datasets(config, str(tmp_path))
   assert 0.2 < info.tokens_per_byte <= info.tokens_per_char < 0.8
-  assert train["tokens"].shape[1] == 17 and test["tokens"].shape == (64, 17)
+  assert train["tokens"].shape[1] == 32 and test["tokens"].shape == (64, 17)  # 2T; T + 1
+  assert info.crops == {"tokens": 17}
   assert train["tokens"].max() < info.tokenizer.vocab_size == 400
   assert os.path.exists(tmp_path / "tokenizer" / "spm.model")
 

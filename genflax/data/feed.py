@@ -8,8 +8,9 @@ mode.
   arrays and sends it to the devices (`sharding.put_batch`).
 - device: the training arrays are placed once on every device (replicated).
   Once per epoch the host sends that epoch's row order, [steps per epoch, B]
-  int32; the compiled step takes row `step % steps_per_epoch` of it and
-  gathers the batch itself. No host work or transfer per step: for small
+  int32 (and the rows' crop offsets, where the arrays are cropped); the
+  compiled step takes row `step % steps_per_epoch` of it and gathers the
+  batch itself. No host work or transfer per step: for small
   datasets whose steps take a millisecond or two, the host would otherwise
   be a visible part of the step.
 
@@ -23,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from genflax import sharding
-from genflax.data.batches import Batches
+from genflax.data.batches import Batches, crop
 
 
 def _canonical(x: np.ndarray) -> np.ndarray:
@@ -44,10 +45,10 @@ class Feed:
     if self.on_device:
       self._arrays = {k: jax.make_array_from_process_local_data(repl, _canonical(v))
                       for k, v in batches.arrays.items()}
-      self.shardings = (repl, repl)
+      self.shardings = (repl, repl, repl)
     else:
       self.shardings = batch_sharding
-    self._epoch, self._rows = None, None
+    self._epoch, self._rows, self._offsets = None, None, None
 
   @property
   def mode(self) -> str:
@@ -65,15 +66,19 @@ class Feed:
     epoch = step // self.batches.steps_per_epoch
     if epoch != self._epoch:
       rows = self.batches.epoch_rows(epoch).astype(np.int32)  # [steps per epoch, B]
+      offsets = {k: o.astype(np.int32) for k, o in self.batches.epoch_offsets(epoch).items()}
       self._epoch = epoch
       self._rows = jax.make_array_from_process_local_data(self.shardings[1], rows)
-    return self._arrays, self._rows
+      self._offsets = {k: jax.make_array_from_process_local_data(self.shardings[2], o)
+                       for k, o in offsets.items()}
+    return self._arrays, self._rows, self._offsets
 
   def batch(self, inputs, step) -> dict:
     """Inside the compiled step: the batch of `step` (a traced int) as global arrays."""
     if not self.on_device:
       return inputs
-    arrays, rows = inputs
-    index = rows[step % self.batches.steps_per_epoch]  # [B]
-    return {k: jax.lax.with_sharding_constraint(jnp.take(v, index, axis=0), self.batch_sharding)
-            for k, v in arrays.items()}
+    arrays, rows, offsets = inputs
+    i = step % self.batches.steps_per_epoch
+    out = {k: jnp.take(v, rows[i], axis=0) for k, v in arrays.items()}  # [B, ...]
+    out.update({k: crop(out[k], offsets[k][i], n, jnp) for k, n in self.batches.crops.items()})
+    return {k: jax.lax.with_sharding_constraint(v, self.batch_sharding) for k, v in out.items()}

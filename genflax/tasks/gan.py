@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genflax import checks, data, metrics, optim
+from genflax import checks, data, metrics, optim, sharding, tasks
 from genflax.errors import ConfigError
 from genflax.tasks import gan_eval
 
@@ -372,7 +372,8 @@ def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
   n = setup.config.eval.final_fid_samples if final else setup.config.eval.fid_samples
   n = n or setup.info.num_test
   ref = reference(setup, test, n)
-  fake, probs = ref["features"](generate_images(setup, state["ema_g"], n, rng))
+  # On the host first: every process scores the whole set on its own devices.
+  fake, probs = ref["features"](generate_images(setup, sharding.host_copy(state["ema_g"]), n, rng))
   precision, recall = gan_eval.precision_recall(ref["real"], fake)
   return {"fid": gan_eval.fid(fake, ref["real"]), "fid_floor": ref["fid_floor"],
           "fid_init": ref["fid_init"], "kid": gan_eval.kid(fake, ref["real"]),
@@ -396,7 +397,7 @@ def reference(setup: Setup, test: dict, n: int) -> dict:
   features, accuracy = gan_eval.load_or_train(c.data.data_dir or None, train, test, info)
   real, real_probs = features(gan_eval.scale(test["image"], info.num_levels))
   floor, _ = features(gan_eval.scale(train["image"][:n], info.num_levels))
-  untrained = init(setup, jax.random.PRNGKey(c.seed))["ema_g"]
+  untrained = init(setup, tasks.run_keys(c.seed)[0])["ema_g"]  # the run's own start
   at_init, _ = features(generate_images(setup, untrained, n, jax.random.PRNGKey(c.seed + 1)))
   setup.cache[key] = {
       "features": features, "accuracy": accuracy, "real": real,

@@ -23,7 +23,7 @@ import optax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from genflax import data
+from genflax import data, sharding
 from genflax.errors import ConfigError
 
 FEATURE_WIDTH = 128
@@ -89,15 +89,20 @@ def load_or_train(data_dir, train, test, info):
                       "for FID is a classifier and needs them")
   path = feature_dir(data_dir, info.name)
   model = Classifier(info.num_classes)
-  if os.path.exists(path):
-    abstract = jax.eval_shape(lambda: {
-        "params": model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)))["params"],
-        "test_accuracy": jnp.zeros(())})
-    saved = ocp.StandardCheckpointer().restore(path, abstract)
-  else:
+
+  def make():
+    if os.path.exists(path):
+      abstract = jax.eval_shape(lambda: {
+          "params": model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)))["params"],
+          "test_accuracy": jnp.zeros(())})
+      with _checkpointer() as ckptr:  # as NumPy: nothing here is a multi-host array
+        return ckptr.restore(path, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract))
     params, acc = train_classifier(train, test, info)
-    saved = {"params": params, "test_accuracy": jnp.asarray(acc)}
+    saved = jax.device_get({"params": params, "test_accuracy": jnp.asarray(acc)})
     save(path, saved)
+    return saved
+
+  saved = sharding.process_0_first(make, "feature network")  # trained once, by process 0
   apply = jax.jit(lambda p, x: _features_and_probs(model, p, x))
   params = saved["params"]
   return (lambda x: chunked(lambda c: apply(params, c), x)), float(saved["test_accuracy"])
@@ -111,13 +116,21 @@ def _features_and_probs(model, params, x):
 def save(path: str, tree) -> None:
   """Saves beside `path`, then renames: a concurrent run finds a whole checkpoint or none."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with ocp.StandardCheckpointer() as ckptr:
+  with _checkpointer() as ckptr:
     ckptr.save(tmp, tree)
   try:
     os.rename(tmp, path)
   except OSError:  # another process saved first; its network is the same (seed 0)
     if not os.path.exists(path):
       raise
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+  """An Orbax checkpointer of this process alone: the network is not sharded,
+  and in a multi-process run process 0 saves it while the others wait."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"features{me}"))
 
 
 def chunked(fn, x):

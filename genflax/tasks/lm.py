@@ -3,9 +3,13 @@
 Shapes: B batch, T context (tokens per window, `variant.context`), P prompt
 length, N new tokens, V vocabulary.
 
-Data: the token stream of each split is cut into windows of T + 1 tokens
-that overlap by one, so every token after the first is a target exactly
-once. Evaluation runs over all validation windows (or, with
+Data: training draws windows of T + 1 tokens at random offsets: the train
+stream is held as rows of 2T tokens starting every T, and each epoch crops
+every row at a fresh offset in [0, T) (nanoGPT's random crops, visiting the
+stream epoch by epoch), so windows do not start on the same grid every
+epoch. The validation stream is cut into windows of T + 1 tokens that
+overlap by one, so every token after the first is a target exactly once.
+Evaluation runs over all validation windows (or, with
 `eval.num_windows`, a fixed seeded subset of them) and reports the mean
 next-token loss in nats, its perplexity, and bits per character and per
 UTF-8 byte of the predicted text (which compare across tokenizers).
@@ -46,6 +50,7 @@ class TextInfo:
   num_eval_windows: int
   tokens_per_char: float     # over the evaluated targets
   tokens_per_byte: float     # of their UTF-8 encoding
+  crops: dict = dataclasses.field(default_factory=dict)  # the trainer's Batches(crops=)
 
   def __str__(self):
     return (f"{self.name} ({self.tokenizer.kind} tokens, vocabulary {self.tokenizer.vocab_size}; "
@@ -54,21 +59,24 @@ class TextInfo:
             f"{self.context}+1; {1 / self.tokens_per_char:.3f} chars per token)")
 
 
-def windows(ids: np.ndarray, t: int) -> np.ndarray:
-  """A token stream [L] -> windows [(L - 1) // t, t + 1], each starting where the last ended."""
-  n = (len(ids) - 1) // t
+def windows(ids: np.ndarray, t: int, width: int | None = None) -> np.ndarray:
+  """A token stream [L] -> rows [n, width] starting every t tokens (width t + 1 by
+  default: each window starts where the last ended; n as many as fit)."""
+  width = width or t + 1
+  n = (len(ids) - width) // t + 1
   starts = np.arange(n)[:, None] * t
-  return ids[starts + np.arange(t + 1)[None, :]]
+  return ids[starts + np.arange(width)[None, :]]
 
 
 def datasets(config, workdir: str):
   """Windows {"tokens": int32 [N, T + 1]}; the tokenizer is trained into workdir/tokenizer."""
   train_text, val_text = data.load_text(config.data.name, config.data.data_dir or None)
-  tok = tokenizers.load_or_train(config.tokenizer.kind, os.path.join(workdir, "tokenizer"),
-                                 train_text, config.tokenizer.vocab_size)
+  tok = sharding.process_0_first(lambda: tokenizers.load_or_train(
+      config.tokenizer.kind, os.path.join(workdir, "tokenizer"), train_text,
+      config.tokenizer.vocab_size), "tokenizer")  # trained once, by process 0
   t = variant(config).context
   train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
-  train, test = windows(train_ids, t), windows(val_ids, t)
+  train, test = windows(train_ids, t, 2 * t), windows(val_ids, t)
   if config.eval.num_windows and config.eval.num_windows < len(test):
     rows = np.random.default_rng(config.seed).choice(len(test), config.eval.num_windows,
                                                      replace=False)
@@ -76,7 +84,7 @@ def datasets(config, workdir: str):
   targets = "".join(tok.decode(w[1:]) for w in test)
   n = test[:, 1:].size
   info = TextInfo(config.data.name, tok, t, len(train_ids), len(val_ids), len(train), len(test),
-                  n / len(targets), n / len(targets.encode("utf-8")))
+                  n / len(targets), n / len(targets.encode("utf-8")), {"tokens": t + 1})
   return {"tokens": train}, {"tokens": test}, info
 
 
