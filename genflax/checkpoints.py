@@ -15,7 +15,10 @@ import time
 import traceback
 
 import filelock
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from genflax.errors import CheckpointError, UserError
 
@@ -140,20 +143,24 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, log=print, primary: boo
     try:
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      return restored.state, restored.meta
+      problem = None
     except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
       reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-      unreadable.append(step)
-      if mngr._options.read_only:  # pylint: disable=protected-access
-        log(f"checkpoint {step} in {directory} is unreadable ({type(e).__name__}: {reason}); "
-            "trying the one before")
-        continue
-      aside = os.path.join(directory, f"{step}{UNREADABLE}")
-      if primary:
-        os.replace(os.path.join(directory, str(step)), aside)
-      mngr.reload()
-      log(f"checkpoint {step} in {directory} is unreadable ({type(e).__name__}: {reason}); "
-          f"set aside as {aside}, trying the one before")
+      problem = f"{type(e).__name__}: {reason}"
+    problem = _agreed_problem(problem)  # every process takes the same step, or none
+    if problem is None:
+      return restored.state, restored.meta
+    unreadable.append(step)
+    if mngr._options.read_only:  # pylint: disable=protected-access
+      log(f"checkpoint {step} in {directory} is unreadable ({problem}); trying the one before")
+      continue
+    aside = os.path.join(directory, f"{step}{UNREADABLE}")
+    if primary:
+      os.replace(os.path.join(directory, str(step)), aside)
+    _barrier(f"set aside {step}")  # the others list the directory after the move
+    mngr.reload()
+    log(f"checkpoint {step} in {directory} is unreadable ({problem}); set aside as {aside}, "
+        "trying the one before")
   set_aside = [d for d in os.listdir(directory) if d.endswith(UNREADABLE)] if os.path.isdir(
       directory) else []
   if unreadable or set_aside:
@@ -161,6 +168,22 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, log=print, primary: boo
                     f"{', '.join(sorted(set_aside) or map(str, unreadable))}); to start this run "
                     f"afresh, move {directory} away (or delete it)")
   return None
+
+
+def _agreed_problem(problem: str | None) -> str | None:
+  """With several processes: a step unreadable on any of them is unreadable
+  for all (each may read other files of it), named by the first that failed."""
+  if jax.process_count() == 1:
+    return problem
+  failed = multihost_utils.process_allgather(np.int32(problem is not None))
+  if problem is None and failed.any():
+    return f"unreadable on process {int(np.flatnonzero(failed)[0])}"
+  return problem
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"genflax checkpoints: {name}")
 
 
 def _quiet_closed_loop_callbacks() -> None:

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -409,6 +410,29 @@ def test_two_processes_with_one_flat_collective_train_like_one(tmp_path, how):
   assert one.returncode == 0, one.stderr
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                _params(str(tmp_path / "two"))[1], _params(str(tmp_path / "one"))[1])
+
+
+def test_two_processes_set_a_damaged_checkpoint_aside_together(tmp_path):
+  """The newest checkpoint's biggest data file cut in half: both processes
+  call it unreadable, process 0 moves it aside, both resume from the one
+  before and finish as the undamaged run did."""
+  args = ["--config=configs/vae_digits.py:smoke"]
+  procs = _launch_two(args, tmp_path)  # checkpoints 8 and 12
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  want = json.load(open(tmp_path / "results.json"))
+  os.remove(tmp_path / "results.json")
+  state = tmp_path / "checkpoints" / "12" / "state"
+  biggest = max(state.glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+  os.truncate(biggest, biggest.stat().st_size // 2)
+  procs = _launch_two(args, tmp_path)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert "Traceback" not in "".join(outs)
+  assert "checkpoint 12" in outs[0] and "set aside as" in outs[0]
+  assert "resumed from step 8" in outs[0]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "12.unreadable", "8"]
+  assert json.load(open(tmp_path / "results.json")) == want
 
 
 @pytest.mark.parametrize("name", ["gan_digits", "lm_shakespeare"])
