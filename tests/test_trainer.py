@@ -356,6 +356,20 @@ def _launch_two(args, workdir):
       cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
 
+def _assert_two_trained_like_one(args, tmp_path, key, rel):
+  """tmp_path/two (two processes, 2 devices each) ends as one process with 4
+  devices ends on `args`: parameters, and results.json's `key` within `rel`."""
+  one = helpers.cli(*args, f"--workdir={tmp_path / 'one'}",
+                    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert one.returncode == 0, one.stderr
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               _params(str(tmp_path / "two"))[1], _params(str(tmp_path / "one"))[1])
+  if key:
+    two_results = json.load(open(tmp_path / "two" / "results.json"))
+    one_results = json.load(open(tmp_path / "one" / "results.json"))
+    assert two_results[key] == pytest.approx(one_results[key], rel=rel)
+
+
 def test_two_processes_train_like_one(tmp_path):
   """jax.distributed over two local processes (2 CPU devices each) vs one process with 4.
 
@@ -384,14 +398,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], outs
   assert f"resumed from step {stopped}" in outs[0]
   assert "final eval" in outs[0] and "final eval" not in outs[1]  # process 0 reports
-  one = helpers.cli(*args, f"--workdir={tmp_path / 'one'}",
-                    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-  assert one.returncode == 0, one.stderr
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               _params(str(tmp_path / "two"))[1], _params(str(tmp_path / "one"))[1])
-  two_results = json.load(open(tmp_path / "two" / "results.json"))
-  one_results = json.load(open(tmp_path / "one" / "results.json"))
-  assert two_results["neg_elbo"] == pytest.approx(one_results["neg_elbo"], rel=1e-5)
+  _assert_two_trained_like_one(args, tmp_path, "neg_elbo", 1e-5)
 
 
 @pytest.mark.parametrize("how", ["flat", "reduce_scatter"])
@@ -405,11 +412,7 @@ def test_two_processes_with_one_flat_collective_train_like_one(tmp_path, how):
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   assert "4 cpu devices, 2 process(es)" in outs[0]
-  one = helpers.cli(*args, f"--workdir={tmp_path / 'one'}",
-                    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-  assert one.returncode == 0, one.stderr
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               _params(str(tmp_path / "two"))[1], _params(str(tmp_path / "one"))[1])
+  _assert_two_trained_like_one(args, tmp_path, None, None)
 
 
 def test_two_processes_set_a_damaged_checkpoint_aside_together(tmp_path):
@@ -452,15 +455,7 @@ def test_two_processes_train_the_gan_and_the_lm_like_one(tmp_path, name):
     assert len(os.listdir(features / "genflax_features")) == 1  # one network, no leftovers
   else:
     assert sorted(os.listdir(tmp_path / "two" / "tokenizer")) == ["chars.json"]
-  one = helpers.cli(*args, f"--workdir={tmp_path / 'one'}",
-                    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
-  assert one.returncode == 0, one.stderr
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               _params(str(tmp_path / "two"))[1], _params(str(tmp_path / "one"))[1])
-  two_results = json.load(open(tmp_path / "two" / "results.json"))
-  one_results = json.load(open(tmp_path / "one" / "results.json"))
-  key = "fid" if name == "gan_digits" else "loss"
-  assert two_results[key] == pytest.approx(one_results[key], rel=1e-4)
+  _assert_two_trained_like_one(args, tmp_path, "fid" if name == "gan_digits" else "loss", 1e-4)
 
 
 def test_microbatched_gradients_average_the_pieces_and_fold_their_rng():
