@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 
 from genflax import optim
+from genflax.data import catalogue
 from genflax.errors import ConfigError
 
 
@@ -78,6 +79,7 @@ def config(c, task) -> None:
   integer(c, "seed", 0)
   integer(c, "data.batch_size", 1)
   number(c, "data.on_device_mb", low=0)
+  idx_dir(c)
   for section in (k for k in c.keys() if k.startswith("optim")):
     optimizer(c, section)
   integer(c, "train.num_steps", 0)
@@ -106,6 +108,21 @@ def config(c, task) -> None:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise ConfigError(f"sharding_rules: {rule!r} is not a (logical axis, mesh axis) pair")
   task.check(c)
+
+
+def idx_dir(c) -> None:
+  """data.idx_dir: read by the IDX datasets only, and needed by `idx`."""
+  name, value = c.data.name, c.data.idx_dir
+  if not isinstance(value, str):
+    raise ConfigError(f"data.idx_dir={value!r}: must be a directory path (a string)")
+  if value and name not in catalogue.IDX_DATASETS:
+    raise ConfigError(f"data.idx_dir={value!r} is read only by the IDX datasets "
+                      f"{tuple(catalogue.IDX_DATASETS)}, not data.name={name!r}; set "
+                      "data.name=idx to train on MNIST-format files from there")
+  if name == "idx" and not value:
+    raise ConfigError("data.name='idx' reads MNIST-format IDX files from the directory "
+                      "data.idx_dir names, and it is ''; name one, e.g. "
+                      "--config.data.idx_dir=~/data/mnist")
 
 
 def optimizer(c, section: str) -> None:

@@ -27,6 +27,10 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name=dataset,
       data_dir="",               # "" = tfds's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+      # The directory of an IDX dataset's files (fashion_mnist, idx), read once
+      # to prepare it into data_dir. "" = the dataset's own: fashion_mnist's is
+      # Debian's /usr/share/datasets/fashion-mnist; idx has none.
+      idx_dir="",
       batch_size=batch_size,     # global, over all devices and hosts
       # Training sets up to this many MB live on every device and the step
       # gathers its own batch (no host work per step); larger ones are sent

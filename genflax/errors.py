@@ -10,6 +10,10 @@ class UserError(Exception):
   """Bad input: a config value, a missing dataset, a foreign workdir."""
 
 
+class DatasetNotPreparedError(UserError):
+  """A dataset that is neither in the data dir nor on this machine; genflax never downloads."""
+
+
 class ConfigError(UserError):
   """A config key or value that cannot be used."""
 

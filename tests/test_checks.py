@@ -38,6 +38,9 @@ BAD = [  # (config, overrides, what the error says)
     (VAE, ["eval.iwae_k=3", "eval.iwae_chunk=3"], "eval.iwae_chunk=3 must divide eval.final_iwae_k=8"),
     (VAE, ["data.batch_size=0"], "data.batch_size=0: must be an integer >= 1"),
     (VAE, ["data.on_device_mb=-1"], "data.on_device_mb=-1: must be a finite number >= 0"),
+    (VAE, ["data.idx_dir=/tmp"], "data.idx_dir='/tmp' is read only by the IDX datasets"),
+    (VAE, ["data.name=idx"], "data.name='idx' reads MNIST-format IDX files from the directory "
+                             "data.idx_dir names, and it is ''"),
     (VAE, ["optim.lr=-1"], "optim.lr=-1.0: must be a finite number > 0"),
     (VAE, ["optim.lr=nan"], "optim.lr=nan: must be a finite number > 0"),
     (VAE, ["optim.name=lion"], "optim.name='lion': expected one of ('adam', 'adamw', 'sgd')"),

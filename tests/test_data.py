@@ -1,5 +1,7 @@
-"""Tests for genflax.data: the digits builder, catalogue loading, batches."""
+"""Tests for genflax.data: the digits builder, IDX files and datasets, catalogue loading,
+batches."""
 
+import gzip
 import json
 import os
 import shutil
@@ -13,8 +15,9 @@ import tensorflow_datasets as tfds
 import jax
 
 from genflax import data, sharding
-from genflax.data import digits
+from genflax.data import digits, fashion_mnist, idx
 from genflax.errors import ConfigError, UserError
+from tests import helpers
 
 
 class GenflaxTestImages(tfds.core.GeneratorBasedBuilder):
@@ -151,6 +154,160 @@ def test_digits_concurrent_prepare_keeps_winners_copy(tmp_path, loaded_digits):
   np.testing.assert_array_equal(train["image"], loaded_digits[0]["image"])
   np.testing.assert_array_equal(test["label"], loaded_digits[1]["label"])
   assert sorted(os.listdir(tmp_path / "digits")) == ["1.0.0"]  # no tmp dirs
+
+
+# --- IDX files ----------------------------------------------------------------
+
+
+def _write_idx(path, array, gz=False, type_code=0x08):
+  """Writes `array` as an IDX file: magic, big-endian uint32 dims, then the elements."""
+  dtype = {0x08: np.uint8, 0x0C: ">i4"}[type_code]
+  raw = (bytes([0, 0, type_code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+         + np.asarray(array, dtype).tobytes())
+  with (gzip.open if gz else open)(path, "wb") as f:
+    f.write(raw)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+@pytest.mark.parametrize("shape", [(7,), (5, 3, 4)], ids=["rank1", "rank3"])
+def test_idx_reads_what_was_written(tmp_path, gz, shape):
+  array = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  path = str(tmp_path / "x")  # gzip is told by its magic, not the name
+  _write_idx(path, array, gz)
+  got = idx.read(path)
+  assert got.dtype == np.uint8 and got.shape == shape
+  np.testing.assert_array_equal(got, array)
+
+
+def test_idx_reads_big_endian_int32(tmp_path):
+  array = np.array([[1, -2], [70000, 3]], np.int32)
+  _write_idx(tmp_path / "x", array, type_code=0x0C)
+  got = idx.read(str(tmp_path / "x"))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, array)
+
+
+def test_idx_bad_magic_and_truncated_file_are_clear_errors(tmp_path):
+  (tmp_path / "png").write_bytes(b"\x89PNG\r\n\x1a\n")
+  with pytest.raises(UserError, match=r"png is not an IDX file: it starts with 89 50 4e 47"):
+    idx.read(str(tmp_path / "png"))
+  _write_idx(tmp_path / "short", np.zeros((4, 3), np.uint8))
+  (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-2])
+  with pytest.raises(UserError, match=r"\(4, 3\) of uint8, which is 12 bytes, but 10 follow"):
+    idx.read(str(tmp_path / "short"))
+
+
+def _write_mnist_format(directory, seed=0, gz=True):
+  """A tiny MNIST-format dataset: 20 train / 10 test random 28x28 images, labels i % 10."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in (("train", 20), ("test", 10)):
+    images_stem, labels_stem = idx.FILES[split]
+    arrays[split] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10
+    for stem, array in zip((images_stem, labels_stem), arrays[split]):
+      _write_idx(os.path.join(directory, stem + ".gz" * gz), array, gz)
+  return arrays
+
+
+def test_idx_dataset_reads_any_mnist_format_directory(tmp_path):
+  written = _write_mnist_format(tmp_path / "files", gz=False)
+  tfds_dir = str(tmp_path / "tfds")
+  train, test, info = data.load("idx", tfds_dir, str(tmp_path / "files"))
+  assert info.name.startswith("idx/") and info.image_shape == (28, 28, 1)
+  assert (info.num_classes, info.num_levels, info.num_train, info.num_test) == (10, 256, 20, 10)
+  for got, (images, labels) in ((train, written["train"]), (test, written["test"])):
+    np.testing.assert_array_equal(got["image"][..., 0], images)  # in the files' order
+    np.testing.assert_array_equal(got["label"], labels)
+  # Other files are another dataset, prepared beside the first.
+  _write_mnist_format(tmp_path / "other", seed=1)
+  other = data.load("idx", tfds_dir, str(tmp_path / "other"))
+  assert other[2].name != info.name and len(os.listdir(os.path.join(tfds_dir, "idx"))) == 2
+  assert not np.array_equal(other[0]["image"], train["image"])
+
+
+def test_idx_dataset_needs_a_directory_with_the_four_files(tmp_path):
+  _write_mnist_format(tmp_path)
+  os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+  with pytest.raises(data.DatasetNotPreparedError,
+                     match=f"from {tmp_path}, which lacks t10k-labels-idx1-ubyte"):
+    data.load("idx", str(tmp_path / "tfds"), str(tmp_path))
+  with pytest.raises(UserError, match="'idx' reads MNIST-format IDX files from the directory "
+                     "--config.data.idx_dir names, and it names none"):
+    data.load("idx", str(tmp_path / "tfds"))
+
+
+# --- fashion_mnist -----------------------------------------------------------
+
+NO_FASHION_MNIST = (f"Fashion-MNIST's IDX files are not in {fashion_mnist.DEFAULT_DIR}: "
+                    "apt-get install dataset-fashion-mnist (Debian's package; CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def loaded_fashion():
+  """Prepared once, into the tests' TFDS_DATA_DIR (tests/conftest.py)."""
+  if not os.path.isdir(fashion_mnist.DEFAULT_DIR):
+    pytest.skip(NO_FASHION_MNIST)
+  return data.load("fashion_mnist")
+
+
+def test_fashion_mnist_is_the_official_split(loaded_fashion):
+  train, test, info = loaded_fashion
+  assert info == data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 256, 60_000, 10_000)
+  for split, n in ((train, 60_000), (test, 10_000)):
+    assert split["image"].shape == (n, 28, 28, 1)
+    assert split["image"].dtype == np.uint8 and split["label"].dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(split["label"], minlength=10), [n // 10] * 10)
+  assert train["image"].mean() / 255 == pytest.approx(0.286, abs=0.001)
+  # Record i is image i of the original files.
+  files = idx.find(fashion_mnist.DEFAULT_DIR, "fashion_mnist", "")
+  np.testing.assert_array_equal(test["image"][..., 0], idx.read(files["t10k-images-idx3-ubyte"]))
+  np.testing.assert_array_equal(train["label"], idx.read(files["train-labels-idx1-ubyte"]))
+
+
+def test_fashion_mnist_second_load_reuses_data(loaded_fashion, monkeypatch, tmp_path):
+  root = os.path.join(os.environ["TFDS_DATA_DIR"], "fashion_mnist")
+  before = _snapshot(root)
+  def no_rebuild(*args, **kwargs):
+    raise AssertionError("fashion_mnist was generated again")
+  monkeypatch.setattr(fashion_mnist.FashionMnist, "_split_generators", no_rebuild)
+  # Once prepared, the IDX files are no longer needed.
+  monkeypatch.setattr(fashion_mnist.FashionMnist, "DEFAULT_DIR", str(tmp_path))
+  train, test, info = data.load("fashion_mnist")
+  assert _snapshot(root) == before and info == loaded_fashion[2]
+  np.testing.assert_array_equal(train["image"], loaded_fashion[0]["image"])
+  np.testing.assert_array_equal(test["label"], loaded_fashion[1]["label"])
+
+
+def test_fashion_mnist_refuses_other_files(tmp_path):
+  _write_mnist_format(tmp_path)
+  with pytest.raises(UserError, match="train-images-idx3-ubyte.gz is not Fashion-MNIST's"):
+    data.load("fashion_mnist", str(tmp_path / "tfds"), str(tmp_path))
+
+
+def test_fashion_mnist_missing_files_say_where_and_how(tmp_path, monkeypatch):
+  monkeypatch.setattr(fashion_mnist.FashionMnist, "DEFAULT_DIR", str(tmp_path / "nowhere"))
+  with pytest.raises(data.DatasetNotPreparedError) as e:
+    data.load("fashion_mnist", str(tmp_path / "tfds"))
+  message = str(e.value)
+  assert f"from {tmp_path / 'nowhere'}, which lacks train-images-idx3-ubyte" in message
+  assert "apt-get install dataset-fashion-mnist" in message and fashion_mnist.SITE in message
+  assert not os.path.exists(tmp_path / "tfds")  # nothing half-made
+
+
+def test_fashion_mnist_missing_files_through_the_cli(tmp_path):
+  """A fresh data dir: the tests' own has fashion_mnist prepared, so needs no files."""
+  (tmp_path / "empty").mkdir()
+  result = helpers.cli("--config=configs/vae_digits.py:smoke", f"--workdir={tmp_path / 'w'}",
+                       "--config.data.name=fashion_mnist",
+                       f"--config.data.idx_dir={tmp_path / 'empty'}",
+                       f"--config.data.data_dir={tmp_path / 'tfds'}")
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: dataset 'fashion_mnist' reads MNIST-format IDX files from "
+                         f"{tmp_path / 'empty'}, which lacks")
+  assert "dataset-fashion-mnist" in last and fashion_mnist.SITE in last
 
 
 # --- catalogue datasets -----------------------------------------------------

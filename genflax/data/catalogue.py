@@ -2,20 +2,24 @@
 
 genflax reads tfds data without TensorFlow, through `as_data_source()`, so a
 catalogue dataset must have been prepared in a random-access format
-(array_record). `digits` is prepared here on first use; every other dataset
-is prepared once with the tfds CLI and copied over.
+(array_record). `digits`, and the IDX datasets `fashion_mnist` and `idx`
+from files on this machine, are prepared here on first use; every other
+dataset is prepared once with the tfds CLI and copied over.
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from genflax.data import digits
-from genflax.errors import UserError
+from genflax.data import digits, fashion_mnist, idx
+from genflax.errors import DatasetNotPreparedError, UserError
 
 _CHUNK = 8192  # records decoded per read; bounds the list of dicts in memory
 _NUM_LEVELS = {"digits": 17, "binarized_mnist": 2}  # default: 256 (uint8)
+# Local builders over IDX files on this machine (config.data.idx_dir).
+IDX_DATASETS = {"fashion_mnist": fashion_mnist.FashionMnist, "idx": idx.Idx}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,23 +38,24 @@ class DatasetInfo:
             f"{h}x{w}x{c}, {self.num_levels} levels, {self.num_classes} classes)")
 
 
-class DatasetNotPreparedError(UserError):
-  """A catalogue dataset that is not in the data dir; genflax never downloads."""
-
-
 Arrays = dict[str, np.ndarray]
 
 
-def load(name: str,
-         data_dir: str | None = None) -> tuple[Arrays, Arrays, DatasetInfo]:
+def load(name: str, data_dir: str | None = None,
+         idx_dir: str | None = None) -> tuple[Arrays, Arrays, DatasetInfo]:
   """Returns (train, test, info) for the tfds dataset `name`.
 
   train/test: {"image": uint8 [N, H, W, C], "label": int32 [N]}, without
   "label" when info.num_classes == 0. data_dir None means tfds's default
-  (TFDS_DATA_DIR or ~/tensorflow_datasets).
+  (TFDS_DATA_DIR or ~/tensorflow_datasets). idx_dir: where an IDX dataset
+  (IDX_DATASETS) reads its files when preparing; None: its default.
   """
   if name == "digits":
     builder = digits.prepared_builder(data_dir)
+  elif name in IDX_DATASETS:
+    builder = _idx_builder(name, data_dir, idx_dir)
+    if builder.builder_config:  # `idx`: one dataset per set of files
+      name = f"{name}/{builder.builder_config.name}"
   else:
     builder = _catalogue_builder(name, data_dir)
   image_shape, num_classes = _describe(builder)
@@ -61,6 +66,15 @@ def load(name: str,
                      _NUM_LEVELS.get(name, 256), len(train["image"]),
                      len(test["image"]))
   return train, test, info
+
+
+def _idx_builder(name, data_dir, idx_dir):
+  builder_cls = IDX_DATASETS[name]
+  idx_dir = idx_dir or builder_cls.DEFAULT_DIR
+  if not idx_dir:
+    raise UserError(f"dataset {name!r} reads MNIST-format IDX files from the directory "
+                    "--config.data.idx_dir names, and it names none")
+  return digits.prepared_builder(data_dir, builder_cls, idx_dir=os.path.expanduser(idx_dir))
 
 
 def _catalogue_builder(name, data_dir):

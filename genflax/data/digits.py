@@ -51,15 +51,15 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": image, "label": int(label)}
 
 
-def prepared_builder(data_dir: str | None) -> Digits:
-  """Returns a `Digits` builder reading from data_dir, preparing it if needed."""
-  builder = Digits(data_dir=data_dir, file_format="array_record")
+def prepared_builder(data_dir: str | None, builder_cls=Digits, **kwargs):
+  """Returns a `builder_cls(**kwargs)` reading from data_dir, preparing it if needed."""
+  builder = builder_cls(data_dir=data_dir, file_format="array_record", **kwargs)
   if not builder.is_prepared():
     prepare(builder)
-  return Digits(data_dir=data_dir)
+  return builder_cls(data_dir=data_dir, **kwargs)
 
 
-def prepare(builder: Digits) -> None:
+def prepare(builder: tfds.core.DatasetBuilder) -> None:
   """Prepares `builder`, tolerating another process preparing it at once."""
   tfds.disable_progress_bar()  # a sub-second build needs no progress bars
   try:

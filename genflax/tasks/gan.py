@@ -120,7 +120,9 @@ class Setup:
 
 def datasets(config, workdir: str):
   del workdir  # images need nothing saved with the run
-  return data.load(config.data.name, config.data.data_dir or None)
+  # .get: a workdir's config.json from before data.idx_dir existed lacks it (genflax.sample)
+  return data.load(config.data.name, config.data.data_dir or None,
+                   config.data.get("idx_dir") or None)
 
 
 def check(config) -> None:
