@@ -1,14 +1,19 @@
 """Times the real train step of a config: `python -m benchmarks.hot_loop --config configs/X.py[:arg]`.
 
 The step is the trainer's own (`trainer.make_train_step`: jitted, sharded,
-state donated) on the config's real data. Printed as a markdown table and
-written as JSON (`--out`):
+state donated) on the config's real data, with the devices and mesh that
+`genflax.main` gives the config (its `cpu_devices`, an XLA_FLAGS device count
+set in the environment winning, as there) and its `auto` values resolved as
+there. Printed as a markdown table and written as JSON (`--out`):
   compile time of the first step; step time median, p10 and p90 (each step
   synchronised); steps/s of an unsynchronised run, as the loop runs;
   examples/s (tokens/s for the LM); model FLOPs per step counted by the
   family (`task.train_flops`)
-  beside XLA's own count; achieved FLOP/s and MFU against the float32
-  matmul peak measured in the same run; the input pipeline's time per batch;
+  beside XLA's own count; achieved FLOP/s and MFU against the matmul peak
+  measured in the same run in the step's compute dtype (`model.dtype`), and,
+  on accelerators in DATASHEET_TFLOPS, against the datasheet's bfloat16 peak;
+  the device's peak memory (`memory_stats()`, where the backend keeps it);
+  the input pipeline's time per batch;
   the loop's steps/s with every batch placed on the devices in advance (so
   how much of the loop waits on input); peak host memory; for the LM, decoding speed with the KV cache against
   recomputing the context for every new token (256 tokens).
@@ -36,11 +41,33 @@ from genflax import configfile, main as genflax_main, tasks, trainer
 from genflax.models import layers
 
 
-def matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
-  """Best float32 FLOP/s of a jitted square matmul on device 0."""
+# Dense bfloat16 peak TFLOP/s per chip from the vendors' datasheets (no
+# sparsity), by a lower-case substring of `device.device_kind`.
+DATASHEET_TFLOPS = {
+    "a100": 312.0,      # NVIDIA A100 (SXM and PCIe)
+    "h100": 989.4,      # NVIDIA H100 SXM (the PCIe card: 756)
+    "h200": 989.4,      # NVIDIA H200 SXM
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,  # TPU v5e
+    "tpu v5p": 459.0,
+    "tpu v5": 459.0,       # v5p reports itself as "TPU v5"
+}
+
+
+def datasheet_peak(device) -> float:
+  """The bfloat16 FLOP/s of DATASHEET_TFLOPS for `device`; nan where unknown (CPUs)."""
+  kind = device.device_kind.lower()
+  for name, tflops in DATASHEET_TFLOPS.items():  # "tpu v5 lite" before "tpu v5"
+    if name in kind:
+      return tflops * 1e12
+  return float("nan")
+
+
+def matmul_peak(sizes=(1024, 2048), repeats: int = 5, dtype=jnp.float32) -> float:
+  """Best FLOP/s of a jitted square matmul in `dtype` on device 0."""
   best = 0.0
   for n in sizes:
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     for _ in range(repeats):
@@ -50,10 +77,10 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
   return best
 
 
-def measured_peak(sizes) -> float:
+def measured_peak(sizes, dtype=jnp.float32) -> float:
   """matmul_peak on process 0 while the other processes wait (nan on them)."""
   multihost_utils.sync_global_devices("peak")
-  peak = matmul_peak(sizes) if jax.process_index() == 0 else float("nan")
+  peak = matmul_peak(sizes, dtype=dtype) if jax.process_index() == 0 else float("nan")
   multihost_utils.sync_global_devices("peak done")
   return peak
 
@@ -154,6 +181,8 @@ def build(config) -> tuple[trainer.Run, dict]:
 
 def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
   built, state = build(config)
+  config = built.setup.config  # with its `auto` values resolved
+  dtype = layers.dtypes(config.model)[0]
   task, setup, info, feed, train_step = (built.task, built.setup, built.info, built.feed,
                                          built.train_step)
   mesh = feed.batch_sharding.mesh
@@ -162,7 +191,7 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
   compiled = train_step.lower(state, feed.inputs(0)).compile()
   compile_s = time.perf_counter() - t
   xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
-  peak_before = measured_peak(peak_sizes)
+  peak_before = measured_peak(peak_sizes, dtype)
 
   # Steps run at state["step"] = 0, 1, ...: step i takes feed.inputs(i), as in training.
   i = 0
@@ -212,7 +241,12 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
 
   # The peak is measured before and after the steps, and the higher kept:
   # on a shared machine a single measurement can land in a slow moment.
-  peak = max(peak_before, measured_peak(peak_sizes))
+  peak = max(peak_before, measured_peak(peak_sizes, dtype))
+  # One CPU device's matmul runs on all the host's cores, so its peak is the
+  # host's; an accelerator's is one chip's, and the step runs on all of them.
+  chips = 1 if jax.devices()[0].platform == "cpu" else int(np.prod(list(mesh.shape.values())))
+  peak *= chips
+  sheet = datasheet_peak(jax.devices()[0]) * chips
   median = statistics.median(step_times)
   flops = task.train_flops(setup) * config.data.batch_size
   device_mem = jax.local_devices()[0].memory_stats() or {}
@@ -227,7 +261,9 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
       "microbatches": config.train.microbatches, "grad_allreduce": config.train.grad_allreduce,
       "dense_grads": (layers.dense_grads(config.model.dense_grads)   # the LM's dense layers
                       if "dense_grads" in config.get("model", {}) else "-"),
-      "platform": jax.devices()[0].platform, "compile_s": compile_s,
+      "attention": config.model.get("attention", "-"), "dtype": str(dtype),
+      "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
+      "compile_s": compile_s,
       "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * percentile(step_times, 10),
       "step_ms_p90": 1e3 * percentile(step_times, 90),
       "steps_per_s_synced": 1 / median, "steps_per_s_loop": loop_steps_per_s,
@@ -236,7 +272,9 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
          if config.task == "lm" else {}),
       "model_gflops_per_step": flops / 1e9, "xla_gflops_per_step": xla_flops / 1e9,
       "achieved_gflops_per_s": flops / median / 1e9, "peak_matmul_gflops_per_s": peak / 1e9,
-      "mfu": flops / median / peak, "input_ms_per_batch": 1e3 * statistics.median(input_times),
+      "mfu": flops / median / peak,
+      "datasheet_tflops": sheet / 1e12, "mfu_datasheet": flops / median / sheet,
+      "input_ms_per_batch": 1e3 * statistics.median(input_times),
       "input_share_of_step": statistics.median(input_times) / median,
       "steps_per_s_loop_preplaced": placed_steps_per_s,
       "loop_time_waiting_on_input": max(0.0, 1 - loop_steps_per_s / placed_steps_per_s),
@@ -280,9 +318,10 @@ def main():
   parser.add_argument("--process_id", type=int, default=None)
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args()
+  config = load_config(args.config, args.overrides)
+  genflax_main.split_cpu(config.cpu_devices)  # as genflax.main, before the backend starts
   if args.coordinator_address:
     genflax_main.start_distributed(args.coordinator_address, args.num_processes, args.process_id)
-  config = load_config(args.config, args.overrides)
   results = {"command_config": args.config, **run(config, args.steps, args.warmup)}
   if jax.process_index() > 0:
     return

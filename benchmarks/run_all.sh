@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
 # Every family's hot loop on this machine; JSON per run in benchmarks/results/.
+#   bash benchmarks/run_all.sh        the CPU rows (benchmarks/README.md)
+#   bash benchmarks/run_all.sh gpu    on the accelerators: each family in float32
+#                                     and bfloat16, the LM at nano and baby size;
+#                                     JSON in benchmarks/results/gpu/
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=${1:-cpu}
 out=benchmarks/results
-mkdir -p "$out"
 run() { name=$1; shift; python -m benchmarks.hot_loop --out "$out/$name.json" "$@" > /dev/null; }
+if [ "$mode" = gpu ]; then
+  out=benchmarks/results/gpu
+  mkdir -p "$out"
+  for dtype in float32 bfloat16; do
+    run "vae_conv_$dtype" --config configs/vae_digits.py:conv --steps 100 model.dtype=$dtype
+    run "dcgan_$dtype" --config configs/dcgan_digits.py --steps 100 model.dtype=$dtype
+    run "cgan_$dtype" --config configs/cgan_digits.py --steps 100 model.dtype=$dtype
+    run "lm_nano_$dtype" --config configs/lm_shakespeare.py:nano --steps 100 model.dtype=$dtype
+    run "lm_baby_$dtype" --config configs/lm_shakespeare.py:baby --steps 50 model.dtype=$dtype \
+        train.microbatches=1
+  done
+  python -m benchmarks.summarize "$out"/*.json
+  exit 0
+fi
+mkdir -p "$out"
 # Two local processes with one CPU device each, through jax.distributed (gloo).
 run2() {
   name=$1; shift
   port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
   for i in 1 0; do
-    python -m benchmarks.hot_loop --coordinator_address "127.0.0.1:$port" --num_processes 2 \
+    XLA_FLAGS=--xla_force_host_platform_device_count=1 python -m benchmarks.hot_loop --coordinator_address "127.0.0.1:$port" --num_processes 2 \
         --process_id $i --out "$out/$name.json" "$@" > /dev/null &
   done
   wait
@@ -22,7 +41,7 @@ run gan_mlp --config configs/gan_digits.py --steps 200
 run gan_mlp_hostfeed --config configs/gan_digits.py --steps 200 data.on_device_mb=0
 run dcgan --config configs/dcgan_digits.py --steps 100
 run cgan --config configs/cgan_digits.py --steps 100
-run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 200
+XLA_FLAGS=--xla_force_host_platform_device_count=1 run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 200
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev \
     --config configs/lm_shakespeare.py:nano --steps 200 mesh.data=2
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev_flat \
@@ -36,7 +55,7 @@ run2 lm_nano_2proc_flat --config configs/lm_shakespeare.py:nano --steps 100 mesh
     train.grad_allreduce=flat
 run2 lm_nano_2proc_per_param --config configs/lm_shakespeare.py:nano --steps 20 mesh.data=2 \
     train.grad_allreduce=per_param
-run lm_baby_1dev --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1
+XLA_FLAGS=--xla_force_host_platform_device_count=1 run lm_baby_1dev --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_baby_2dev \
     --config configs/lm_shakespeare.py:baby --steps 4 --warmup 1 mesh.data=2
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_baby_2dev_per_param \

@@ -5,10 +5,11 @@ import sys
 COLUMNS = [("run", "command_config"), ("processes", "processes"), ("devices", "devices"),
            ("batch", "batch_size"), ("micro-batches", "microbatches"),
            ("grad all-reduce", "grad_allreduce"), ("dense grads", "dense_grads"),
-           ("batches from", "batches"),
+           ("dtype", "dtype"), ("device", "device_kind"), ("batches from", "batches"),
            ("compile s", "compile_s"), ("step ms (p10-p90)", None), ("examples/s", "examples_per_s"),
            ("GFLOP/step model / XLA", None), ("peak GFLOP/s", "peak_matmul_gflops_per_s"),
-           ("MFU", "mfu"), ("input share", "input_share_of_step"),
+           ("MFU", "mfu"), ("MFU of datasheet", "mfu_datasheet"),
+           ("input share", "input_share_of_step"),
            ("loop waits on input", "loop_time_waiting_on_input"), ("host MB", "peak_host_mem_mb"),
            ("KV-cache decode tokens/s (vs recompute; weight matmuls alone)", None)]
 
@@ -32,8 +33,9 @@ def row(r: dict) -> str:
       cells.append(f"{r['model_gflops_per_step']:.3g} / {r['xla_gflops_per_step']:.3g}")
     elif title.startswith("KV-cache"):
       cells.append(kv_cell(r))
-    elif key in ("mfu", "input_share_of_step", "loop_time_waiting_on_input"):
-      cells.append(f"{100 * r[key]:.1f}%")
+    elif key in ("mfu", "mfu_datasheet", "input_share_of_step", "loop_time_waiting_on_input"):
+      value = r.get(key, float("nan"))
+      cells.append("-" if value != value else f"{100 * value:.1f}%")  # nan: not known
     elif isinstance(r.get(key), float):
       cells.append(f"{r[key]:.3g}")
     else:

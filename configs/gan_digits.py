@@ -37,6 +37,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       conditional=False,           # label embedding into G and D
       conditioning="projection",   # how D sees the label: projection | concat
       spectral_norm="sn" in variants,
+      dtype="float32",             # compute: float32 | bfloat16 (params, losses stay float32)
+      param_dtype="float32",       # parameters, optimizer state and the EMA generator
   ))
   c.loss = ml_collections.ConfigDict(dict(
       kind="ns",                   # ns (non-saturating) | hinge | wgan

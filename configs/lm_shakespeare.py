@@ -5,7 +5,9 @@
 
 Variants (the `:arg`, comma-separated): `nano` (the default: 4 layers, 4
 heads, 128 wide, context 64; a few minutes on 2 CPU cores), `baby` (6x6x384,
-context 256, dropout 0.2: hours on CPU), `spm` (sentencepiece subwords
+context 256, dropout 0.2: hours on CPU), `gpt2` (GPT-2 small's shape,
+12x12x768, context 1024, 86M parameters with characters; for accelerators:
+bfloat16, layers scanned, activations rematerialised), `spm` (sentencepiece subwords
 instead of characters, vocabulary 1024), `rotary` (rotary instead of
 learned positions), `smoke` (seconds, for tests).
 
@@ -19,7 +21,7 @@ import ml_collections
 from genflax import defaults
 
 
-VARIANTS = ("nano", "baby", "spm", "rotary", "smoke")
+VARIANTS = ("nano", "baby", "gpt2", "spm", "rotary", "smoke")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -35,8 +37,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       norm="layernorm",            # layernorm | rmsnorm
       tie_embeddings=True,
       dropout=0.0,
-      attention="einsum",          # einsum | dot_product_attention (jax.nn's, fused kernels on GPU)
+      # auto | einsum | dot_product_attention (jax.nn's: cuDNN's fused kernel on GPUs).
+      # auto: einsum on CPU, dot_product_attention elsewhere (genflax/platform.py).
+      attention="auto",
       dense_grads="auto",          # auto | xla | row_major (auto: row_major on CPU; genflax/models/layers.py)
+      dtype="float32",             # compute: float32 | bfloat16 (params, losses, softmax stay float32)
+      param_dtype="float32",       # parameters and optimizer state
+      scan_layers=False,           # one block scanned over depth (compile time flat in depth)
+      remat="none",                # none | dots | full: recompute block activations in backward
   ))
   c.optim = defaults.optim(name="adamw", lr=1e-3, warmup_steps=100, end_lr_frac=0.1,
                            weight_decay=0.1, grad_clip=1.0, b2=0.99)
@@ -53,28 +61,34 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # On CPU, one device per core runs the batch data-parallel: at nano size
   # the single default device leaves the second core idle (benchmarks/README.md).
   c.cpu_devices = -1
-  # Their gradients are summed as one flat buffer (between CPU devices each
+  # auto: between CPU devices, gradients are summed as one flat buffer (each
   # buffer of a collective costs tens of microseconds, about half a
-  # millisecond between processes), reduce-scattered so that each device
-  # runs AdamW on its share of the parameters, which are then all-gathered
-  # (ZeRO stage 1; genflax/optim.py). fsdp/tensor meshes need per_param.
-  c.train.grad_allreduce = "reduce_scatter"
+  # millisecond between processes) and, for models under 4M parameters
+  # (nano), reduce-scattered so that each device runs AdamW on its share of
+  # the parameters, which are then all-gathered (ZeRO stage 1; genflax/optim.py);
+  # on GPUs and TPUs, and with fsdp or tensor axes, XLA's own all-reduces
+  # (genflax/platform.py). The run's log line `auto:` says what it chose.
+  c.train.grad_allreduce = "auto"
   # Batches over data (and fsdp); fsdp shards parameters' embed axis, tensor
   # the heads, MLP and vocabulary. A mesh axis serves one logical axis per array.
   c.sharding_rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"),
-                      ("mlp", "tensor"), ("vocab", "tensor"), ("length", None), ("kv", None))
+                      ("mlp", "tensor"), ("vocab", "tensor"), ("length", None), ("kv", None),
+                      ("layers", None))  # the stacked axis of model.scan_layers
   if "baby" in variants:
     c.model.update(variant="baby", dropout=0.2)
     c.data.batch_size = 64
     # 8 sequential microbatches of 8 windows: the same update, and on 2 CPU
     # cores 1.6x faster than one pass over 64 (benchmarks/README.md).
     c.train.microbatches = 8
-    # At 10.8M parameters gathering them back costs more than the split
-    # update saves: flat 3290-3324 ms/step, reduce_scatter 3494-3539.
-    c.train.grad_allreduce = "flat"
     c.eval.batch_size = 64
     c.train.update(num_steps=5000, eval_every_steps=500)
     c.optim.update(lr=1e-3, warmup_steps=100)
+  if "gpt2" in variants:
+    c.model.update(variant="gpt2", dtype="bfloat16", scan_layers=True, remat="dots")
+    c.data.batch_size = c.eval.batch_size = 32
+    c.train.update(num_steps=5000, eval_every_steps=500, ckpt_every_steps=500)
+    c.optim.update(lr=6e-4, warmup_steps=200)
+    c.eval.num_windows = 512
   if "spm" in variants:
     c.tokenizer.update(kind="sentencepiece", vocab_size=1024)
   if "rotary" in variants:

@@ -27,7 +27,7 @@ from genflax.errors import CheckpointError, UserError
 # checkpoints would belong to something else.
 IDENTITY_KEYS = ("task", "model", "data.name")
 # ...except these, which change how the same model is computed, not what.
-NOT_IDENTITY = ("model.dense_grads",)
+NOT_IDENTITY = ("model.dense_grads", "model.attention", "model.dtype", "model.remat")
 
 
 class _QuietOrbax(logging.Filter):
@@ -129,7 +129,9 @@ UNREADABLE = ".unreadable"  # the suffix of a checkpoint set aside
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, log=print, primary: bool = True):
   """The newest readable (state, meta), laid out like `abstract_state`; None if
-  the run has no checkpoint yet.
+  the run has no checkpoint yet. `abstract_state` may be a function of the
+  checkpoint's meta, for checkpoints whose layout depends on how they were
+  written (the trainer's optimizer layouts).
 
   A checkpoint that fails to restore (a cut file, lost metadata) is named in
   one line and, unless `mngr` is read-only, set aside as <step>.unreadable
@@ -141,8 +143,12 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, log=print, primary: boo
   unreadable = []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
+      target = abstract_state
+      if callable(abstract_state):
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        target = abstract_state(meta)
       restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       problem = None
     except Exception as e:  # pylint: disable=broad-except  # whatever a damaged file raises
       reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

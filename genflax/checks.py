@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from genflax import optim
 from genflax.data import catalogue
 from genflax.errors import ConfigError
+from genflax.models import layers
 
 
 def get(c, key: str):
@@ -90,7 +91,7 @@ def config(c, task) -> None:
   if b % m:
     raise ConfigError(f"train.microbatches={m} does not divide data.batch_size={b}: "
                       f"use a divisor of {b}")
-  one_of(c, "train.grad_allreduce", optim.GRAD_ALLREDUCES)
+  one_of(c, "train.grad_allreduce", ("auto", *optim.GRAD_ALLREDUCES))
   profile = tuple(c.train.profile_steps)
   if len(profile) != 2 or not all(isinstance(s, int) and s >= 0 for s in profile) or (
       profile[0] > profile[1]):
@@ -103,7 +104,11 @@ def config(c, task) -> None:
                       "devices the other axes leave")
   integer(c, "mesh.fsdp", 1)
   integer(c, "mesh.tensor", 1)
+  integer(c, "mesh.dcn_data", 1)
+  integer(c, "mesh.dcn_fsdp", 1)
   integer(c, "cpu_devices", -1)
+  one_of(c, "model.dtype", layers.DTYPES)        # every family's modules take both
+  one_of(c, "model.param_dtype", layers.DTYPES)
   for rule in c.sharding_rules:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise ConfigError(f"sharding_rules: {rule!r} is not a (logical axis, mesh axis) pair")

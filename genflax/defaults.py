@@ -54,7 +54,8 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
       # all gradients as one buffer, each device drawing its own randomness;
       # faster between CPU devices and processes: benchmarks/README.md) or
       # reduce_scatter (as flat, but each device updates only its 1/n of the
-      # parameters with its 1/n of the optimizer state: ZeRO stage 1).
+      # parameters with its 1/n of the optimizer state: ZeRO stage 1), or
+      # auto: chosen for the backend, mesh and model size (genflax/platform.py).
       grad_allreduce="per_param",
       profile_steps=(0, 0),      # (start, stop): trace these steps into workdir/profile
   ))
@@ -62,8 +63,11 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
       batch_size=120,            # the last test batch is padded and masked
       num_samples=32,            # test examples given to task.samples (reconstructions, prompts)
   ))
-  # Axis sizes of the device mesh; -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Axis sizes of the device mesh; -1 takes the remaining devices. The devices
+  # are placed by the physical topology; dcn_data / dcn_fsdp > 1 split that
+  # axis into groups across TPU slices or GPU hosts (a hybrid mesh:
+  # genflax/sharding.py), e.g. data=16, dcn_data=2 for two 8-GPU hosts.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
   # On a CPU-only machine, XLA makes one device that small matmuls run on one
   # core of; N > 0 splits the host into N devices (-1: one per core) so the
   # batch runs data-parallel over the cores. 0 keeps XLA's default. An

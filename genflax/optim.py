@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from genflax import sharding
 from genflax.errors import ConfigError
 
-GRAD_ALLREDUCES = ("per_param", "flat", "reduce_scatter")
+GRAD_ALLREDUCES = ("per_param", "flat", "reduce_scatter")  # and "auto": genflax/platform.py
 # reduce_scatter: each flat optimizer vector is padded to a multiple of this,
 # so its checkpoint fits any data-parallel device count that divides it.
 FLAT_PAD = 1024
@@ -153,6 +153,27 @@ def init(tx: optax.GradientTransformation, params, train_cfg, decay_mask=None):
   return tx.init(jax.tree.map(lambda v: nn.Partitioned(v, names=(sharding.OPT_SHARD,)), flat))
 
 
+def layout(train_cfg) -> str:
+  """How `init` lays out the optimizer state: "flat" (two `Flat` vectors per
+  moment, train.grad_allreduce=reduce_scatter) or "tree" (one array per parameter)."""
+  return "flat" if train_cfg.grad_allreduce == "reduce_scatter" else "tree"
+
+
+def relayout(opt_state, params, decay_mask=None):
+  """The same optimizer state in the other `layout`: Flat vectors back into
+  per-parameter arrays (their padding dropped), or per-parameter arrays into
+  Flat vectors. For resuming a checkpoint under another train.grad_allreduce
+  (another device count resolves `auto` differently); `decay_mask` as for `init`."""
+  flat = _FlatLayout(params, decay_mask)
+  is_flat = lambda x: isinstance(x, Flat)
+  if any(map(is_flat, jax.tree.leaves(opt_state, is_leaf=is_flat))):
+    return jax.tree.map(lambda x: flat.unravel(x) if is_flat(x) else x, opt_state,
+                        is_leaf=is_flat)
+  like_params = lambda x: jax.tree.structure(x) == flat.treedef
+  return jax.tree.map(lambda x: flat.ravel(x) if like_params(x) else x, opt_state,
+                      is_leaf=like_params)
+
+
 def grads(loss_fn, params, batch: dict, rng, microbatches: int = 1, flat_over=None):
   """(grads, aux) of `loss_fn(params, batch, rng) -> (loss, aux)`, one microbatch at a time.
 
@@ -239,6 +260,8 @@ def check_grad_allreduce(train_cfg, mesh) -> None:
   """`flat` and `reduce_scatter` get a data-parallel mesh they can split over
   (train.grad_allreduce itself is checked with the config: genflax/checks.py)."""
   how = train_cfg.grad_allreduce
+  if how == "auto":  # resolved to what fits the mesh (genflax/platform.py)
+    return
   if how != "per_param" and (mesh.shape["fsdp"] > 1 or mesh.shape["tensor"] > 1):
     raise ConfigError(
         f"train.grad_allreduce={how} needs parameters replicated on every device, but the mesh "

@@ -20,6 +20,9 @@ A family is a module in `genflax.tasks` (named by `config.task`) with:
   write_samples(setup, samples, writer, step)   on the host: PNGs, text
   learning_rates(setup, step) -> {name: lr}   the rates update `step` (from 0) used
   generate(setup, state, args)            `python -m genflax.sample`: writes samples
+  GRAD_ALLREDUCES, decay_mask             optional: the train.grad_allreduce values its
+                                           step supports (all by default), and the
+                                           adamw mask it gives optim.init
 
 The loop wraps the family's state as {"step", "rng", "task"}; the step's RNG
 is `fold_in(rng, step)`, so a batch (`Batches.get(step)`) and its randomness
@@ -42,7 +45,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from genflax import checkpoints, checks, data, evaluation, metrics, optim, sharding, tasks
+from genflax import (checkpoints, checks, data, evaluation, metrics, optim, platform, sharding,
+                     tasks)
 from genflax.errors import ConfigError, UserError
 
 
@@ -106,7 +110,7 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
   batch_sh, repl = feed.batch_sharding, sharding.replicated(mesh)
 
   # ---- State: created (or restored) straight into its shardings
-  restored = checkpoints.restore(mngr, run.abstract, log, primary=jax.process_index() == 0)
+  restored = restore(mngr, run, mesh, log, primary=jax.process_index() == 0)
   if restored is None:
     state = jax.jit(run.init, out_shardings=run.state_sh)(*tasks.run_keys(config.seed))
     step = 0
@@ -115,6 +119,8 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
     step = int(meta["step"])
     log(f"resumed from step {step} ({os.path.join(workdir, 'checkpoints')})")
   log(describe(config, info, mesh, state))
+  if run.auto:
+    log(f"auto: {platform.describe(run.auto)}")
   log(f"batches {feed}")
 
   # ---- Compiled evaluation and sampling
@@ -143,7 +149,9 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
   experiment = checkpoints.identity(json.loads(config.to_json_best_effort()))
 
   def save(step):
-    checkpoints.save(mngr, step, state, {"step": step, "data_position": step, **experiment})
+    checkpoints.save(mngr, step, state, {"step": step, "data_position": step,
+                                         "opt_layout": optim.layout(setup.config.train),
+                                         **experiment})
 
   results_path = os.path.join(workdir, "results.json")
   if step >= config.train.num_steps and os.path.exists(results_path):
@@ -187,12 +195,14 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
         if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
           values = check_finite(pending)
           now = time.time()
-          rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
           values.update(task.learning_rates(setup, step - 1))  # of the step just logged
-          values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
+          eta = ""
+          if step > last_log_step:  # not the first step, whose time is the compilation's
+            rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+            values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
+            eta = f"  ETA {metrics.format_duration((config.train.num_steps - step) / rate)}"
           writer.scalars(step, "train", values)
-          eta = metrics.format_duration((config.train.num_steps - step) / max(rate, 1e-9))
-          log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}  ETA {eta}")
+          log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}{eta}")
           pending, last_log_time, last_log_step = [], now, step
         paused = time.time()
         if step % config.train.ckpt_every_steps == 0:
@@ -250,6 +260,7 @@ class Run:
   state_sh: object         # its shardings
   train_step: Callable     # (state, feed.inputs(step)) -> (state, metrics), jitted
   traces: list             # traces[0]: how often train_step was compiled
+  auto: dict               # what the config's `auto` values became here (platform.choices)
 
 
 def build(config, workdir: str, task=None, mesh=None) -> Run:
@@ -260,13 +271,66 @@ def build(config, workdir: str, task=None, mesh=None) -> Run:
   mesh = mesh or sharding.make_mesh(config.mesh)
   check_step(config, mesh)
   train_data, test_data, info = task.datasets(config, workdir)
+  config, auto = resolve(config, task, info, mesh)
+  check_step(config, mesh)
   batches = data.Batches(train_data, config.data.batch_size, config.seed,
                          crops=getattr(info, "crops", None))
   setup = task.build(config, info)
   feed = data.Feed(batches, sharding.batch_sharding(mesh), config.data.on_device_mb)
   init, abstract, state_sh = state_layout(task, setup, mesh)
   train_step, traces = make_train_step(task, setup, state_sh, feed)
-  return Run(task, setup, info, feed, test_data, init, abstract, state_sh, train_step, traces)
+  return Run(task, setup, info, feed, test_data, init, abstract, state_sh, train_step, traces,
+             auto)
+
+
+def resolve(config, task, info, mesh):
+  """(config with its `auto` values chosen for this backend and mesh, the choices).
+
+  train.grad_allreduce's choice depends on the model's size, counted from
+  the shapes of a provisional state (genflax/platform.py).
+  """
+  backend, shape = jax.default_backend(), dict(mesh.shape)
+  allowed = getattr(task, "GRAD_ALLREDUCES", optim.GRAD_ALLREDUCES)
+  values = platform.choices(config, backend, shape, 0, allowed)
+  if values.get("train.grad_allreduce", "per_param") != "per_param":
+    provisional = task.build(platform.resolve(config, {**values,
+                                                       "train.grad_allreduce": "per_param"}), info)
+    shapes = jax.eval_shape(lambda key: task.init(provisional, key), jax.random.PRNGKey(0))
+    values = platform.choices(config, backend, shape, platform.count(shapes["params"]), allowed)
+  return (platform.resolve(config, values) if values else config), values
+
+
+def restore(mngr, run: Run, mesh, log=print, primary: bool = True):
+  """checkpoints.restore of the run's state, from a checkpoint of either optimizer
+  layout: one written under another train.grad_allreduce (another device count
+  resolves `auto` differently) is read in its own layout and converted."""
+  ours = optim.layout(run.setup.config.train)
+
+  def target(meta):
+    theirs = meta.get("opt_layout", ours)
+    if theirs == ours:
+      return run.abstract
+    how = "reduce_scatter" if theirs == "flat" else "per_param"
+    setup = run.task.build(platform.resolve(run.setup.config, {"train.grad_allreduce": how}),
+                           run.info)
+    # Flat vectors whole on every device: this mesh's batch shards may not divide them.
+    return state_layout(run.task, setup, mesh, split_optimizer=False)[1]
+
+  restored = checkpoints.restore(mngr, target, log, primary)
+  if restored is None or restored[1].get("opt_layout", ours) == ours:
+    return restored
+  state, meta = restored
+  decay_mask = getattr(run.task, "decay_mask", None)
+
+  def convert(state):
+    task_state = dict(state["task"])
+    task_state["opt_state"] = optim.relayout(task_state["opt_state"], task_state["params"],
+                                             decay_mask)
+    return {**state, "task": task_state}
+
+  log(f"checkpoint {meta['step']}: optimizer state converted from the {meta['opt_layout']} "
+      f"layout to the {ours} one (train.grad_allreduce={run.setup.config.train.grad_allreduce})")
+  return jax.jit(convert, out_shardings=run.state_sh)(state), meta
 
 
 def make_train_step(task, setup, state_sh, feed: data.Feed):
@@ -290,7 +354,7 @@ def make_train_step(task, setup, state_sh, feed: data.Feed):
                  out_shardings=(state_sh, repl), donate_argnums=0), traces
 
 
-def state_layout(task, setup, mesh):
+def state_layout(task, setup, mesh, split_optimizer: bool = True):
   """(init, abstract, shardings) of the trainer's state, without creating it.
 
   init(init_key, train_key) -> {"step", "rng", "task"} with plain arrays (a run
@@ -302,7 +366,7 @@ def state_layout(task, setup, mesh):
             "task": task.init(setup, init_key)}
 
   boxed = jax.eval_shape(boxed_init, *tasks.run_keys(0))
-  shardings = sharding.state_shardings(boxed, mesh, setup.config.sharding_rules)
+  shardings = sharding.state_shardings(boxed, mesh, setup.config.sharding_rules, split_optimizer)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
   return (lambda *keys: nn.unbox(boxed_init(*keys))), abstract, shardings
@@ -317,11 +381,14 @@ def load_run(workdir: str):
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1  # one device suffices
   task = load_task(config.task)
+  mesh = sharding.make_mesh(config.mesh)
   _, _, info = task.datasets(config, workdir)
+  config, auto = resolve(config, task, info, mesh)
   setup = task.build(config, info)
-  _, abstract, _ = state_layout(task, setup, sharding.make_mesh(config.mesh))
+  init, abstract, state_sh = state_layout(task, setup, mesh)
+  run = Run(task, setup, info, None, {}, init, abstract, state_sh, None, [0], auto)
   mngr = checkpoints.manager(workdir, read_only=True)
-  restored = checkpoints.restore(mngr, abstract)
+  restored = restore(mngr, run, mesh)
   if restored is None:
     raise UserError(f"{workdir} has no checkpoint yet: train it first")
   state, meta = restored

@@ -1,9 +1,11 @@
 """The hot-loop benchmark runs the trainer's step, and its FLOP counts agree with XLA's."""
+import json
 import os
+import types
 
 import pytest
 
-from benchmarks import allreduce, hot_loop, profile_ops
+from benchmarks import allreduce, hot_loop, memory_plan, profile_ops
 from genflax import trainer
 from tests import helpers
 
@@ -29,6 +31,57 @@ def test_hot_loop_reports_and_flops_match_xla(name, arg):
     assert results["decode_rounds"] >= 3
     # The weights' matmuls alone bound the cached step from above.
     assert results["decode_tokens_per_s_matvecs_only"] > results["decode_tokens_per_s_cached"]
+
+
+def test_hot_loop_runs_a_config_on_the_devices_main_gives_it(tmp_path):
+  """The LM configs split the host into one device per core (cpu_devices=-1)
+  under genflax.main; the benchmark of the config measures the same mesh,
+  with the `auto` values resolved as there. In bfloat16, the peak is bfloat16's."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = tmp_path / "lm.json"
+  proc = helpers.cli("--config", "configs/lm_shakespeare.py:smoke", "--steps", "3", "--warmup",
+                     "1", "--out", str(out), "model.dtype=bfloat16", module="benchmarks.hot_loop",
+                     env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = json.loads(out.read_text())
+  cores = len(os.sched_getaffinity(0))
+  assert results["devices"] == cores
+  assert results["grad_allreduce"] == ("reduce_scatter" if cores > 1 else "per_param")
+  assert (results["attention"], results["dense_grads"]) == ("einsum", "row_major")
+  assert results["dtype"] == "bfloat16" and 0 < results["mfu"]
+  assert results["datasheet_tflops"] != results["datasheet_tflops"]  # nan: a CPU has none
+
+
+def test_datasheet_peaks_of_known_accelerators():
+  device = lambda kind: types.SimpleNamespace(device_kind=kind)
+  assert hot_loop.datasheet_peak(device("NVIDIA H100 80GB HBM3")) == 989.4e12
+  assert hot_loop.datasheet_peak(device("NVIDIA H200")) == 989.4e12
+  assert hot_loop.datasheet_peak(device("NVIDIA A100-SXM4-40GB")) == 312e12
+  assert hot_loop.datasheet_peak(device("TPU v5 lite")) == 197e12
+  assert hot_loop.datasheet_peak(device("TPU v5")) == 459e12
+  assert hot_loop.datasheet_peak(device("TPU v4")) == 275e12
+  peak = hot_loop.datasheet_peak(device("cpu"))
+  assert peak != peak
+
+
+def test_memory_plan_reads_the_compiled_step():
+  """The pod plan's numbers are XLA's memory analysis of the compiled LM step:
+  on 8 devices FSDP holds 1/8 of DP's parameters and AdamW moments (12 bytes
+  per parameter in float32), and its plan resolves `auto` as on GPUs."""
+  config = helpers.config("lm_shakespeare", "gpt2", **{"model.variant": "L2-D64-H4-T32"})
+  rows = {name: memory_plan.plan(config, sizes(8), vocab_size=256, batch_size=16)
+          for name, sizes in memory_plan.PLANS.items()}
+  dp, fsdp = rows["DP"], rows["FSDP"]
+  assert dp["params"] == fsdp["params"] > 0
+  state_gib = 12 * dp["params"] / 2**30
+  batch_gib = 16 // 8 * 33 * 4 / 2**30
+  assert dp["argument_gib"] == pytest.approx(state_gib + batch_gib, rel=0.05)
+  assert fsdp["argument_gib"] == pytest.approx(state_gib / 8 + batch_gib, rel=0.25)
+  assert dp["auto"]["train.grad_allreduce"] == "per_param"
+  assert dp["auto"]["model.attention"] == "dot_product_attention"
+  assert all(r["temp_gib"] > 0 and r["total_gib"] > r["argument_gib"] for r in rows.values())
+  assert rows["FSDPxTP"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 4}
+  assert "| FSDP | 8 | 1, 8, 1 | 16 |" in memory_plan.markdown([{"plan": "FSDP", **fsdp}])
 
 
 def test_profile_steps_write_a_trace(tmp_path):

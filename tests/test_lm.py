@@ -164,6 +164,59 @@ def test_greedy_decoding_never_copies_the_kv_cache():
   assert not copies, copies
 
 
+def _stacked(params, num_layers):
+  """Unrolled parameters (block0, block1, ...) in model.scan_layers' layout."""
+  out = {k: v for k, v in params.items() if not k.startswith("block")}
+  out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                               *[params[f"block{i}"] for i in range(num_layers)])
+  return out
+
+
+@pytest.mark.parametrize("scan_layers, remat", [(True, "none"), (False, "full"), (True, "dots"),
+                                                (True, "full")])
+def test_scanned_and_rematerialised_blocks_equal_the_unrolled_model(scan_layers, remat):
+  """model.scan_layers (one block scanned over stacked parameters) and
+  model.remat: the unrolled model's logits, gradients and cached decoding."""
+  v = transformer.VARIANTS["tiny"]
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 50)
+  plain = transformer.Transformer(50, v, dropout=0.0)
+  other = transformer.Transformer(50, v, dropout=0.0, scan_layers=scan_layers, remat=remat)
+  params = nn.unbox(plain.init(jax.random.PRNGKey(0), tokens))["params"]
+  boxed = other.init(jax.random.PRNGKey(0), tokens)["params"]
+  theirs = _stacked(params, v.num_layers) if scan_layers else params
+  assert jax.tree.structure(nn.unbox(boxed)) == jax.tree.structure(theirs)
+  if scan_layers:  # the stacked axis has its own logical name
+    assert nn.get_partition_spec(boxed)["blocks"]["attn"]["query"] == P(
+        "layers", "embed", "heads", "kv")
+  loss = lambda model: lambda p: jnp.mean(model.apply({"params": p}, tokens)[0] ** 2)
+  want_grads = jax.grad(loss(plain))(params)
+  got_grads = jax.grad(loss(other))(theirs)
+  np.testing.assert_allclose(other.apply({"params": theirs}, tokens)[0],
+                             plain.apply({"params": params}, tokens)[0], rtol=1e-5, atol=1e-6)
+  want_grads = _stacked(want_grads, v.num_layers) if scan_layers else want_grads
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               got_grads, want_grads)
+  cache = transformer.init_cache(v, 2, stacked=scan_layers)
+  _, cache = other.apply({"params": theirs}, tokens[:, :5], cache, 0)
+  step, _ = other.apply({"params": theirs}, tokens[:, 5:6], cache, 5)
+  np.testing.assert_allclose(step[:, 0], plain.apply({"params": params}, tokens[:, :6])[0][:, 5],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_rematerialisation_keeps_fewer_activations():
+  """What the backward pass keeps, from the compiled gradient's temporaries:
+  full < dots < none."""
+  v = transformer.Variant(num_layers=4, num_heads=4, width=64, context=64)
+  tokens = jnp.zeros((8, 64), jnp.int32)
+  temp = {}
+  for remat in transformer.REMATS:
+    model = transformer.Transformer(64, v, scan_layers=True, remat=remat)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), tokens))["params"]
+    grad = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens)[0] ** 2)))
+    temp[remat] = grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+  assert temp["full"] < temp["dots"] < temp["none"], temp
+
+
 def test_written_out_attention_equals_jax_dot_product_attention():
   q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 3, 8))
   causal = jnp.tril(jnp.ones((7, 7), bool))

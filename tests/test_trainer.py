@@ -530,7 +530,7 @@ def test_flat_allreduce_needs_replicated_parameters():
     trainer.check_step(config, sharding.make_mesh(config.mesh))
   config = helpers.config("vae_digits", **{"train.grad_allreduce": "ring"})
   with pytest.raises(ConfigError, match=r"train.grad_allreduce='ring': expected one of "
-                                        r"\('per_param', 'flat', 'reduce_scatter'\)"):
+                                        r"\('auto', 'per_param', 'flat', 'reduce_scatter'\)"):
     checks.config(config, trainer.load_task("vae"))
   config = helpers.config("vae_digits", **{"train.grad_allreduce": "reduce_scatter",
                                            "mesh.data": 3})

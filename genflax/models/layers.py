@@ -10,13 +10,28 @@ a real array first (an optimisation barrier keeps XLA from folding the
 transpose back into the dot), so every matmul of the layer takes the fast
 path. Same values as XLA's gradient up to float rounding; on GPUs and TPUs,
 whose matmuls take transposed operands for free, keep XLA's.
+
+Mixed precision: every family's modules take `dtype` (what the layers
+compute in, `config.model.dtype`) and `param_dtype` (what the parameters and
+so the optimizer state are stored in, `config.model.param_dtype`). With
+bfloat16 compute, the families keep in float32 what needs its range or
+precision: losses and likelihoods, softmax and log-softmax, normalisation
+statistics (Flax's norms reduce in float32), spectral norm's power iteration.
 """
 import jax
 import jax.numpy as jnp
 
+from genflax import platform
 from genflax.errors import ConfigError
 
 DENSE_GRADS = ("auto", "xla", "row_major")
+DTYPES = ("float32", "bfloat16")
+
+
+def dtypes(model_cfg) -> tuple:
+  """(compute dtype, parameter dtype) of config.model (float32 where a run's
+  config.json predates the keys)."""
+  return tuple(jnp.dtype(model_cfg.get(key, "float32")) for key in ("dtype", "param_dtype"))
 
 
 def dense_grads(kind: str) -> str:
@@ -25,7 +40,7 @@ def dense_grads(kind: str) -> str:
   if kind not in DENSE_GRADS:
     raise ConfigError(f"model.dense_grads={kind!r}: expected one of {DENSE_GRADS}")
   if kind == "auto":
-    return "row_major" if jax.default_backend() == "cpu" else "xla"
+    return platform.dense_grads(jax.default_backend())
   return kind
 
 

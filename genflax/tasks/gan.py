@@ -31,9 +31,12 @@ import optax
 
 from genflax import checks, data, metrics, optim, sharding, tasks
 from genflax.errors import ConfigError
+from genflax.models import layers
 from genflax.tasks import gan_eval
 
 ARCHS = ("mlp", "dcgan")
+# The step sums its D and G gradients with XLA's per-parameter all-reduces.
+GRAD_ALLREDUCES = ("per_param",)
 LOSSES = ("ns", "hinge", "wgan")
 CONDITIONINGS = ("projection", "concat")
 
@@ -46,27 +49,30 @@ class Generator(nn.Module):
   channels: tuple[int, ...]  # dcgan: width at the smallest size, then per upsampling
   image_shape: tuple[int, int, int]
   num_classes: int           # 0: unconditional
+  dtype: jnp.dtype = jnp.float32        # compute (mixed precision: genflax/models/layers.py)
+  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z, y=None):
-    """z [B, Z], y [B] int labels or None -> images [B, H, W, C] in [-1, 1]."""
+    """z [B, Z], y [B] int labels or None -> images [B, H, W, C] in [-1, 1] (float32)."""
     b = z.shape[0]
     h_img, w_img, c_img = self.image_shape
-    h = z
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = z.astype(self.dtype)
     if y is not None:
-      h = jnp.concatenate([z, nn.Embed(self.num_classes, z.shape[-1])(y)], -1)  # [B, 2Z]
+      h = jnp.concatenate([h, nn.Embed(self.num_classes, z.shape[-1], **dtypes)(y)], -1)  # [B, 2Z]
     for width in self.hidden:
-      h = nn.relu(nn.Dense(width)(h))
+      h = nn.relu(nn.Dense(width, **dtypes)(h))
     if self.arch == "dcgan":
       s = 2 ** len(self.channels)  # one stride-2 transposed conv per entry
-      h = nn.relu(nn.Dense(h_img // s * w_img // s * self.channels[0])(h))
+      h = nn.relu(nn.Dense(h_img // s * w_img // s * self.channels[0], **dtypes)(h))
       h = h.reshape(b, h_img // s, w_img // s, self.channels[0])
       for ch in self.channels[1:]:
-        h = nn.relu(nn.ConvTranspose(ch, (4, 4), strides=(2, 2))(h))  # doubles H, W
-      h = nn.ConvTranspose(c_img, (4, 4), strides=(2, 2))(h)          # [B, H, W, C]
+        h = nn.relu(nn.ConvTranspose(ch, (4, 4), strides=(2, 2), **dtypes)(h))  # doubles H, W
+      h = nn.ConvTranspose(c_img, (4, 4), strides=(2, 2), **dtypes)(h)          # [B, H, W, C]
     else:
-      h = nn.Dense(h_img * w_img * c_img)(h).reshape(b, h_img, w_img, c_img)
-    return jnp.tanh(h)
+      h = nn.Dense(h_img * w_img * c_img, **dtypes)(h).reshape(b, h_img, w_img, c_img)
+    return jnp.tanh(h.astype(jnp.float32))
 
 
 class Discriminator(nn.Module):
@@ -76,29 +82,33 @@ class Discriminator(nn.Module):
   num_classes: int           # 0: unconditional
   conditioning: str          # projection | concat
   spectral_norm: bool
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, y=None, update_stats: bool = False):
-    """x [B, H, W, C] in [-1, 1], y [B] int labels or None -> logits [B]."""
+    """x [B, H, W, C] in [-1, 1], y [B] int labels or None -> logits [B] (float32)."""
     def layer(module, h):
-      if self.spectral_norm:
-        return nn.SpectralNorm(module)(h, update_stats=update_stats)
+      if self.spectral_norm:  # the power iteration in float32 (nn.SpectralNorm's dtype)
+        return nn.SpectralNorm(module, dtype=jnp.float32)(h, update_stats=update_stats)
       return module(h)
 
     b, h_img, w_img, _ = x.shape
-    h = x
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = x.astype(self.dtype)
     if y is not None and self.conditioning == "concat":  # labels as constant channels
-      planes = jax.nn.one_hot(y, self.num_classes)[:, None, None, :]
+      planes = jax.nn.one_hot(y, self.num_classes, dtype=self.dtype)[:, None, None, :]
       h = jnp.concatenate([h, jnp.broadcast_to(planes, (b, h_img, w_img, self.num_classes))], -1)
     if self.arch == "dcgan":
       for ch in self.channels:
-        h = nn.leaky_relu(layer(nn.Conv(ch, (4, 4), strides=2), h), 0.2)  # halves H, W
+        h = nn.leaky_relu(layer(nn.Conv(ch, (4, 4), strides=2, **dtypes), h), 0.2)  # halves H, W
     h = h.reshape(b, -1)
     for width in self.hidden:
-      h = nn.leaky_relu(layer(nn.Dense(width), h), 0.2)                    # [B, F]
-    out = layer(nn.Dense(1), h)[:, 0]
+      h = nn.leaky_relu(layer(nn.Dense(width, **dtypes), h), 0.2)                  # [B, F]
+    out = layer(nn.Dense(1, **dtypes), h)[:, 0].astype(jnp.float32)
     if y is not None and self.conditioning == "projection":  # Miyato & Koyama 2018
-      out = out + jnp.sum(nn.Embed(self.num_classes, h.shape[-1])(y) * h, -1)
+      embed = nn.Embed(self.num_classes, h.shape[-1], **dtypes)(y)
+      out = out + jnp.sum((embed * h).astype(jnp.float32), -1)
     return out
 
 
@@ -148,7 +158,7 @@ def check(config) -> None:
     raise ConfigError(f"train.microbatches={config.train.microbatches}: the GAN step alternates "
                       "D and G updates on the whole batch; gradient accumulation is not "
                       "supported, use 1")
-  if config.train.grad_allreduce != "per_param":
+  if config.train.grad_allreduce not in ("auto", *GRAD_ALLREDUCES):
     raise ConfigError(f"train.grad_allreduce={config.train.grad_allreduce!r}: the GAN step "
                       "sums its D and G gradients with XLA's per-parameter all-reduces; "
                       "use per_param")
@@ -164,9 +174,11 @@ def build(config, info) -> Setup:
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   classes = info.num_classes if m.conditional else 0
-  g = Generator(m.arch, tuple(m.g_hidden), tuple(m.g_channels), info.image_shape, classes)
+  dtypes = layers.dtypes(m)
+  g = Generator(m.arch, tuple(m.g_hidden), tuple(m.g_channels), info.image_shape, classes,
+                *dtypes)
   d = Discriminator(m.arch, tuple(m.d_hidden), tuple(m.d_channels), classes,
-                    m.conditioning, m.spectral_norm)
+                    m.conditioning, m.spectral_norm, *dtypes)
   steps, d_steps = config.train.num_steps, config.train.num_steps * loss.n_critic
   return Setup(config, info, g, d,
                optim.build(config.optim_g, steps), optim.build(config.optim_d, d_steps),

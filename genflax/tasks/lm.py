@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genflax import checks, data, evaluation, optim, sharding, tokenizers
+from genflax import checks, data, evaluation, optim, platform, sharding, tokenizers
 from genflax.errors import ConfigError
 from genflax.models import layers, transformer
 from genflax.models.transformer import Transformer
@@ -118,9 +118,11 @@ def check(config) -> None:
   variant(config)
   checks.one_of(config, "model.positions", transformer.POSITIONS)
   checks.one_of(config, "model.norm", transformer.NORMS)
-  checks.one_of(config, "model.attention", transformer.ATTENTIONS)
+  checks.one_of(config, "model.attention", ("auto", *transformer.ATTENTIONS))
   checks.one_of(config, "model.dense_grads", layers.DENSE_GRADS)
   checks.boolean(config, "model.tie_embeddings")
+  checks.boolean(config, "model.scan_layers")
+  checks.one_of(config, "model.remat", tuple(transformer.REMATS))
   checks.number(config, "model.dropout", low=0, below=1)
   checks.integer(config, "eval.num_windows", 0)
   checks.integer(config, "eval.sample_tokens", 0)
@@ -129,8 +131,12 @@ def check(config) -> None:
 
 def build(config, info: TextInfo) -> Setup:
   m = config.model
+  # `auto` values are chosen by the trainer (genflax/platform.py); a config
+  # built directly gets this backend's choice.
+  attention = platform.attention(jax.default_backend()) if m.attention == "auto" else m.attention
   model = Transformer(info.tokenizer.vocab_size, variant(config), m.positions, m.norm,
-                      m.tie_embeddings, m.dropout, m.attention, layers.dense_grads(m.dense_grads))
+                      m.tie_embeddings, m.dropout, attention, layers.dense_grads(m.dense_grads),
+                      *layers.dtypes(m), m.get("scan_layers", False), m.get("remat", "none"))
   steps = config.train.num_steps
   return Setup(config, info, model, optim.build(config.optim, steps, decay_mask),
                optim.schedule(config.optim, steps), sharding.make_mesh(config.mesh))
@@ -140,7 +146,8 @@ def decay_mask(params):
   """Weight decay for weight matrices only: not embeddings, norms or biases."""
   def is_matrix(path, x):
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return x.ndim >= 2 and keys[-1] not in ("embedding", "pos_embed")
+    ndim = x.ndim - ("blocks" in keys)  # model.scan_layers stacks the blocks on one more axis
+    return ndim >= 2 and keys[-1] not in ("embedding", "pos_embed")
   return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
@@ -255,7 +262,8 @@ def generate_tokens(setup: Setup, params, prompts, num_new: int, rng,
   model, s = setup.model, setup.info.context
   b, p = prompts.shape
   keep = s // 2
-  logits, cache = model.apply({"params": params}, prompts, transformer.init_cache(model.variant, b))
+  new_cache = lambda: transformer.init_cache(model.variant, b, model.dtype, model.scan_layers)
+  logits, cache = model.apply({"params": params}, prompts, new_cache())
   buf = jnp.concatenate([prompts, jnp.zeros((b, num_new), prompts.dtype)], 1)  # [B, P + N]
 
   def step(carry, i):
@@ -266,7 +274,7 @@ def generate_tokens(setup: Setup, params, prompts, num_new: int, rng,
 
     def refill(_):  # the cache is full: restart it from the last T/2 tokens
       window = jax.lax.dynamic_slice(buf, (0, p + i + 1 - keep), (b, keep))
-      logits, c = model.apply({"params": params}, window, transformer.init_cache(model.variant, b))
+      logits, c = model.apply({"params": params}, window, new_cache())
       return c, jnp.int32(keep), logits[:, -1]
 
     def advance(_):

@@ -37,21 +37,26 @@ class Encoder(nn.Module):
   channels: tuple[int, ...]
   latent_dim: int
   dense_grads: str = "xla"   # see genflax.models.layers
+  dtype: jnp.dtype = jnp.float32        # compute (mixed precision: genflax/models/layers.py)
+  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, y=None):
-    """x [B, H, W, C] in [0, 1], y [B, L] one-hot or None -> mu, logvar [B, Z]."""
-    h = x
+    """x [B, H, W, C] in [0, 1], y [B, L] one-hot or None -> mu, logvar [B, Z] (float32)."""
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = x.astype(self.dtype)
     if self.arch == "conv":
       for ch in self.channels:
-        h = nn.gelu(nn.Conv(ch, (3, 3), strides=2)(h))  # halves H and W
+        h = nn.gelu(nn.Conv(ch, (3, 3), strides=2, **dtypes)(h))  # halves H and W
     h = h.reshape(h.shape[0], -1)
     if y is not None:
-      h = jnp.concatenate([h, y], -1)
-    dense = functools.partial(nn.Dense, dot_general=layers.dense_dot_general(self.dense_grads))
+      h = jnp.concatenate([h, y.astype(self.dtype)], -1)
+    dense = functools.partial(nn.Dense, dot_general=layers.dense_dot_general(self.dense_grads),
+                              **dtypes)
     for width in self.hidden:
       h = nn.gelu(dense(width)(h))
-    return dense(self.latent_dim)(h), dense(self.latent_dim)(h)
+    return (dense(self.latent_dim)(h).astype(jnp.float32),
+            dense(self.latent_dim)(h).astype(jnp.float32))
 
 
 class Decoder(nn.Module):
@@ -61,14 +66,18 @@ class Decoder(nn.Module):
   image_shape: tuple[int, int, int]
   num_outputs: int  # per pixel: 1 (logit or mean) or 2 (mean, log-scale)
   dense_grads: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z, y=None):
-    """z [B, Z], y [B, L] or None -> [B, H, W, C, num_outputs]."""
+    """z [B, Z], y [B, L] or None -> [B, H, W, C, num_outputs] (float32, for the likelihood)."""
     b = z.shape[0]
     h_img, w_img, c_img = self.image_shape
-    h = z if y is None else jnp.concatenate([z, y], -1)
-    dense = functools.partial(nn.Dense, dot_general=layers.dense_dot_general(self.dense_grads))
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = (z if y is None else jnp.concatenate([z, y], -1)).astype(self.dtype)
+    dense = functools.partial(nn.Dense, dot_general=layers.dense_dot_general(self.dense_grads),
+                              **dtypes)
     for width in reversed(self.hidden):
       h = nn.gelu(dense(width)(h))
     if self.arch == "conv":
@@ -76,11 +85,11 @@ class Decoder(nn.Module):
       h = nn.gelu(dense(h_img // scale * w_img // scale * self.channels[-1])(h))
       h = h.reshape(b, h_img // scale, w_img // scale, self.channels[-1])
       for ch in reversed(self.channels):
-        h = nn.gelu(nn.ConvTranspose(ch, (3, 3), strides=(2, 2))(h))  # doubles H, W
-      h = nn.Conv(c_img * self.num_outputs, (3, 3))(h)  # [B, H, W, C * outputs]
+        h = nn.gelu(nn.ConvTranspose(ch, (3, 3), strides=(2, 2), **dtypes)(h))  # doubles H, W
+      h = nn.Conv(c_img * self.num_outputs, (3, 3), **dtypes)(h)  # [B, H, W, C * outputs]
     else:
       h = dense(h_img * w_img * c_img * self.num_outputs)(h)
-    return h.reshape(b, h_img, w_img, c_img, self.num_outputs)
+    return h.reshape(b, h_img, w_img, c_img, self.num_outputs).astype(jnp.float32)
 
 
 class VAE(nn.Module):
@@ -152,10 +161,10 @@ def build(config, info) -> Setup:
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   outputs = 2 if m.likelihood == "discretized_gaussian" else 1
-  grads = layers.dense_grads(m.dense_grads)
-  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim, grads),
+  grads, dtypes = layers.dense_grads(m.dense_grads), layers.dtypes(m)
+  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim, grads, *dtypes),
               Decoder(m.arch, tuple(m.hidden), tuple(m.channels), info.image_shape, outputs,
-                      grads))
+                      grads, *dtypes))
   return Setup(config, info, model, optim.build(config.optim, config.train.num_steps),
                optim.schedule(config.optim, config.train.num_steps), sharding.make_mesh(config.mesh))
 

@@ -1,0 +1,87 @@
+"""The `auto` config values, resolved for the machine a run is on.
+
+Some choices that make a step fast on one backend waste another: on CPU
+devices genflax averages gradients as one flat buffer and forms weight
+gradients as row-major matmuls (XLA:CPU's collectives cost tens of
+microseconds per buffer, and its fast matmul takes no transposed operand),
+and writes attention out as einsums; on GPUs and TPUs XLA's own all-reduces,
+its own dot layouts and the fused `jax.nn.dot_product_attention` (cuDNN on
+GPUs) are the fast paths. Each such key takes `auto`, and `choices` picks
+its value from the backend, the mesh and the model's size: a pure function,
+so what a config becomes on 8 GPUs or a TPU slice is testable on a laptop.
+Values given explicitly are kept (and checked against the mesh).
+
+The measurements behind each rule are in benchmarks/README.md.
+"""
+import math
+
+import jax
+import ml_collections
+
+from genflax import optim
+
+# Above this many parameters, gathering them back after the split update
+# (train.grad_allreduce=reduce_scatter) costs more on CPU devices than the
+# split saves: the nano LM (0.8M) is 5% faster with it, baby (10.8M) 6% slower.
+REDUCE_SCATTER_MAX_PARAMS = 4_000_000
+
+
+def grad_allreduce(backend: str, mesh_shape: dict, num_params: int,
+                   allowed=optim.GRAD_ALLREDUCES) -> str:
+  """train.grad_allreduce=auto: XLA's per-parameter all-reduces except between
+  CPU devices holding whole replicas, where one flat buffer (split, for small
+  models) is faster. `allowed`: what the family's step supports."""
+  shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+  replicated = mesh_shape.get("fsdp", 1) == 1 and mesh_shape.get("tensor", 1) == 1
+  if backend != "cpu" or not replicated or shards == 1:
+    choice = "per_param"
+  elif optim.FLAT_PAD % shards == 0 and num_params <= REDUCE_SCATTER_MAX_PARAMS:
+    choice = "reduce_scatter"
+  else:
+    choice = "flat"
+  return choice if choice in allowed else "per_param"
+
+
+def dense_grads(backend: str) -> str:
+  """model.dense_grads=auto (genflax/models/layers.py)."""
+  return "row_major" if backend == "cpu" else "xla"
+
+
+def attention(backend: str) -> str:
+  """model.attention=auto (genflax/models/transformer.py)."""
+  return "einsum" if backend == "cpu" else "dot_product_attention"
+
+
+def choices(config, backend: str, mesh_shape: dict, num_params: int,
+            allowed_allreduces=optim.GRAD_ALLREDUCES) -> dict:
+  """{key: value} for each `auto` key of `config` on this machine."""
+  rules = {
+      "train.grad_allreduce": lambda: grad_allreduce(backend, mesh_shape, num_params,
+                                                     allowed_allreduces),
+      "model.dense_grads": lambda: dense_grads(backend),
+      "model.attention": lambda: attention(backend),
+  }
+  out = {}
+  for key, rule in rules.items():
+    section, name = key.split(".")
+    if config.get(section, {}).get(name) == "auto":
+      out[key] = rule()
+  return out
+
+
+def resolve(config, values: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with `values` (from `choices`) in place of its autos."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  for key, value in values.items():
+    section, name = key.split(".")
+    out[section][name] = value
+  return out
+
+
+def describe(values: dict) -> str:
+  return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def count(abstract_params) -> int:
+  """How many numbers a (possibly abstract) parameter tree holds."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))

@@ -1,0 +1,206 @@
+"""`auto` config values on every backend, and checkpoints that move between
+meshes and optimizer layouts (genflax/platform.py, trainer.restore)."""
+import json
+import os
+import shutil
+import types
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from genflax import optim, platform, sharding, tokenizers, trainer
+from genflax.errors import ConfigError
+from genflax.tasks import lm
+from tests import helpers
+
+NANO = 800_000      # about the nano LM's parameters
+BABY = 10_800_000   # the baby LM's
+
+
+@pytest.mark.parametrize("backend, mesh, params, want", [
+    # CPU devices: XLA's collectives cost per buffer, so whole replicas send one.
+    ("cpu", dict(data=1), NANO, "per_param"),              # nothing to average
+    ("cpu", dict(data=2), NANO, "reduce_scatter"),         # small: split the optimizer too
+    ("cpu", dict(data=8), NANO, "reduce_scatter"),
+    ("cpu", dict(data=2), BABY, "flat"),                   # large: gathering back costs more
+    ("cpu", dict(data=3), NANO, "flat"),                   # 3 does not divide the flat padding
+    ("cpu", dict(data=1, fsdp=8), NANO, "per_param"),      # parameters split: XLA's
+    ("cpu", dict(data=2, tensor=4), NANO, "per_param"),
+    # Accelerators: XLA's own all-reduces, whatever the mesh.
+    ("gpu", dict(data=8), NANO, "per_param"),
+    ("gpu", dict(data=1), BABY, "per_param"),
+    ("tpu", dict(data=64, fsdp=4), BABY, "per_param"),
+])
+def test_grad_allreduce_auto_by_backend_and_mesh(backend, mesh, params, want):
+  assert platform.grad_allreduce(backend, mesh, params) == want
+
+
+def test_auto_values_of_the_lm_config_on_each_backend():
+  """The same config file: einsum attention and row-major weight gradients
+  on CPU, jax.nn.dot_product_attention (cuDNN) and XLA's gradients on GPUs and
+  TPUs; explicit values are kept; a family that supports only per_param gets it."""
+  config = helpers.config("lm_shakespeare", "")
+  cpu = platform.choices(config, "cpu", dict(data=2), NANO)
+  assert cpu == {"train.grad_allreduce": "reduce_scatter", "model.dense_grads": "row_major",
+                 "model.attention": "einsum"}
+  for backend in ("gpu", "tpu"):
+    assert platform.choices(config, backend, dict(data=8), NANO) == {
+        "train.grad_allreduce": "per_param", "model.dense_grads": "xla",
+        "model.attention": "dot_product_attention"}
+  explicit = helpers.config("lm_shakespeare", "", **{"model.attention": "einsum"})
+  assert "model.attention" not in platform.choices(explicit, "gpu", dict(data=8), NANO)
+  gan = helpers.config("gan_digits", "", **{"train.grad_allreduce": "auto"})
+  assert platform.choices(gan, "cpu", dict(data=2), NANO, ("per_param",)) == {
+      "train.grad_allreduce": "per_param"}
+  resolved = platform.resolve(config, cpu)
+  assert (resolved.train.grad_allreduce, resolved.model.attention) == ("reduce_scatter", "einsum")
+  assert config.train.grad_allreduce == "auto"  # the config itself is left alone
+
+
+def _info(context=64):
+  tok = tokenizers.CharTokenizer.train("abcdefghij \n")
+  return lm.TextInfo("shakespeare", tok, context, 0, 0, 0, 0, "char", 1.0)
+
+
+@pytest.mark.parametrize("arg, mesh, want", [
+    ("", {"mesh.data": 8}, "reduce_scatter"),
+    ("", {"mesh.data": 1, "mesh.fsdp": 8}, "per_param"),
+    ("", {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, "per_param"),
+    ("baby", {"mesh.data": 2}, "flat"),
+])
+def test_trainer_counts_the_model_to_choose_the_allreduce(arg, mesh, want):
+  """trainer.resolve sizes the model from a provisional state's shapes: the
+  nano LM (with a 12-symbol vocabulary) splits its optimizer, baby does not."""
+  config = helpers.config("lm_shakespeare", arg, **mesh)
+  resolved, values = trainer.resolve(config, lm, _info(), sharding.make_mesh(config.mesh))
+  assert values["train.grad_allreduce"] == want == resolved.train.grad_allreduce
+  optim.check_grad_allreduce(resolved.train, sharding.make_mesh(config.mesh))  # it fits
+
+
+def test_batch_that_does_not_divide_the_devices_names_the_nearest_sizes():
+  """The default LM's batch of 12 on 8 devices."""
+  config = helpers.config("lm_shakespeare", "", **{"mesh.data": 8})
+  mesh = sharding.make_mesh(config.mesh)
+  with pytest.raises(ConfigError, match=r"data.batch_size=12 does not split over the mesh's 8 "
+                     r"batch shards .*8 devices\): use a multiple of 8, e.g. 8 or 16"):
+    trainer.check_step(config, mesh)
+  with pytest.raises(ConfigError, match=r"e.g. 8, or a smaller"):
+    sharding.check_batch_size(mesh, "eval.batch_size", 5)
+
+
+# ---- Checkpoints across meshes and optimizer layouts
+
+def _losses(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def _run(workdir, steps, **mesh):
+  config = helpers.config("lm_shakespeare", "smoke", **{
+      "train.num_steps": steps, "train.log_every_steps": 1, "train.ckpt_every_steps": 6,
+      "train.eval_every_steps": 100, "eval.num_windows": 32, "eval.sample_tokens": 4, **mesh})
+  return trainer.train(config, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  """Step-6 checkpoints of the smoke LM on 8 devices: data-parallel (auto:
+  reduce_scatter, the optimizer state as split flat vectors) and FSDP (per
+  parameter, sharded), each also trained on to step 10 where it was written."""
+  out = {}
+  for name, mesh in (("data8", {"mesh.data": 8}), ("fsdp8", {"mesh.data": 1, "mesh.fsdp": 8})):
+    base = tmp_path_factory.mktemp(name)
+    _run(base / "at6", 6, **mesh)
+    shutil.copytree(base / "at6", base / "through")
+    _run(base / "through", 10, **mesh)
+    out[name] = base
+  return out
+
+
+@pytest.mark.parametrize("written_on, resumed_on, layouts", [
+    ("data8", {"mesh.data": 1}, ("flat", "tree")),                    # onto one device
+    ("data8", {"mesh.data": 2, "mesh.fsdp": 4}, ("flat", "tree")),    # onto a 2x4 mesh
+    ("fsdp8", {"mesh.data": 1}, ("tree", "tree")),
+    ("fsdp8", {"mesh.data": 2, "mesh.fsdp": 4}, ("tree", "tree")),
+    ("fsdp8", {"mesh.data": 8}, ("tree", "flat")),                    # into the split layout
+])
+def test_checkpoint_resumes_on_another_mesh_and_layout(written, tmp_path, capsys, written_on,
+                                                       resumed_on, layouts):
+  """A checkpoint written on 8 devices resumes on another mesh, with the
+  optimizer state converted where `auto` picks another layout there, and
+  trains on with the losses of the run that stayed (float reassociation
+  apart); the layouts are what was asked."""
+  base = written[written_on]
+  work = tmp_path / "moved"
+  shutil.copytree(base / "at6", work)
+  meta = json.load(open(work / "checkpoints" / "6" / "meta" / "metadata"))
+  assert meta["opt_layout"] == layouts[0]
+  capsys.readouterr()
+  _run(work, 10, **resumed_on)
+  log = capsys.readouterr().out
+  assert "resumed from step 6" in log
+  assert ("optimizer state converted from the flat layout" in log) == (layouts == ("flat", "tree"))
+  assert ("converted from the tree layout" in log) == (layouts == ("tree", "flat"))
+  want, got = _losses(base / "through"), _losses(work)
+  assert sorted(got) == list(range(1, 11))
+  for step in range(7, 11):
+    assert got[step] == pytest.approx(want[step], rel=2e-4), step
+  assert json.load(open(work / "checkpoints" / "10" / "meta" / "metadata"))["opt_layout"] == \
+      layouts[1]
+
+
+def test_relayout_round_trips_the_optimizer_state():
+  """Flat vectors -> per-parameter arrays -> Flat vectors is the identity, and
+  the per-parameter form has the structure `init` gives that layout."""
+  config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 8})
+  rs = platform.resolve(config, {"train.grad_allreduce": "reduce_scatter"})
+  setup = lm.build(rs, _info(16))
+  state = jax.device_get(nn.unbox(lm.init(setup, jax.random.PRNGKey(0))))
+  # Moments that differ per entry, padding zero as in training.
+  rng = np.random.default_rng(0)
+  flat = optim._FlatLayout(state["params"], lm.decay_mask)  # pylint: disable=protected-access
+  noise = lambda tree: flat.ravel(jax.tree.map(lambda x: rng.normal(size=x.shape), tree))
+  opt = jax.tree.map(lambda x: noise(state["params"]) if isinstance(x, optim.Flat) else x,
+                     state["opt_state"], is_leaf=lambda x: isinstance(x, optim.Flat))
+  tree = optim.relayout(opt, state["params"], lm.decay_mask)
+  per_param = platform.resolve(config, {"train.grad_allreduce": "per_param"})
+  want = nn.unbox(lm.init(lm.build(per_param, _info(16)), jax.random.PRNGKey(0)))["opt_state"]
+  assert jax.tree.structure(tree) == jax.tree.structure(want)
+  back = optim.relayout(tree, state["params"], lm.decay_mask)
+  jax.tree.map(np.testing.assert_array_equal, back, opt)
+
+
+# ---- Meshes from the topology
+
+def _devices(processes, per_process, platform_name="gpu"):
+  return [types.SimpleNamespace(id=i, process_index=i // per_process, platform=platform_name,
+                                device_kind="fake", slice_index=i // per_process)
+          for i in range(processes * per_process)]
+
+
+@pytest.mark.parametrize("sizes, dcn, axis", [
+    (dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=1, tensor=1), 0),
+    (dict(data=2, fsdp=4, tensor=1), dict(data=1, fsdp=2, tensor=1), 1),
+])
+def test_hybrid_mesh_crosses_hosts_only_along_the_dcn_axis(sizes, dcn, axis):
+  """Two hosts of 4 GPUs: with mesh.dcn_<axis>=2 the axis's outer factor
+  runs across the hosts and every other neighbour pair is within one."""
+  grid = sharding.device_grid(sizes, dcn, _devices(2, 4))
+  hosts = np.vectorize(lambda d: d.process_index)(grid)
+  assert grid.shape == tuple(sizes[a] for a in sharding.AXES)
+  half = grid.shape[axis] // 2
+  first, second = np.split(hosts, [half], axis=axis)
+  assert (first == 0).all() and (second == 1).all()
+  assert sorted(d.id for d in grid.flat) == list(range(8))
+
+
+def test_dcn_sizes_must_divide_their_axis_and_match_the_hosts():
+  with pytest.raises(ConfigError, match=r"mesh.dcn_data=3: must be an integer >= 1 that divides "
+                     r"mesh.data=8"):
+    sharding.make_mesh(helpers.config("vae_digits", **{"mesh.data": 8, "mesh.dcn_data": 3}).mesh)
+  with pytest.raises(ConfigError, match=r"make 2 groups, but the devices are in 1 processes"):
+    sharding.make_mesh(helpers.config("vae_digits", **{"mesh.data": 8, "mesh.dcn_data": 2}).mesh)
+  mesh = sharding.make_mesh(helpers.config("vae_digits", **{"mesh.data": 8}).mesh)
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]  # CPU: in order
