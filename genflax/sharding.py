@@ -27,8 +27,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
   One axis may be -1: it takes the devices the others leave. A mesh smaller
   than the machine uses the first devices (one process only: with several,
-  every process's devices must take part). The devices are laid out by the
-  physical topology (`jax.make_mesh`: TPU torus coordinates, NVLink islands).
+  every process's devices must take part). On accelerators the devices are
+  laid out by the physical topology (`mesh_utils.create_device_mesh`: TPU
+  torus coordinates, NVLink islands); CPU devices keep their order.
   `mesh_cfg.dcn_<axis>` (default 1) says over how many groups an axis spans
   the slower network between TPU slices or GPU hosts: a hybrid mesh
   (`mesh_utils.create_hybrid_device_mesh`) keeps the axis's other factor
@@ -67,7 +68,7 @@ def device_grid(sizes: dict, dcn: dict, devices) -> np.ndarray:
   process) and across them."""
   shape = tuple(sizes[a] for a in AXES)
   if math.prod(dcn.values()) == 1:
-    if devices[0].platform in ("cpu",):  # no topology to follow
+    if devices[0].platform == "cpu":  # no topology to follow
       return np.asarray(devices).reshape(shape)
     return mesh_utils.create_device_mesh(shape, devices=devices)
   ici = tuple(sizes[a] // dcn[a] for a in AXES)
