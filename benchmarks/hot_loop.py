@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from genflax import configfile, main as genflax_main, tasks, trainer
-from genflax.models import layers
+from genflax.models import conv, layers
 
 
 # Dense bfloat16 peak TFLOP/s per chip from the vendors' datasheets (no
@@ -262,6 +262,8 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
       "dense_grads": (layers.dense_grads(config.model.dense_grads)   # the LM's dense layers
                       if "dense_grads" in config.get("model", {}) else "-"),
       "attention": config.model.get("attention", "-"), "dtype": str(dtype),
+      "conv": (conv.conv_impl(config.model.conv)                     # the image families' convs
+               if "conv" in config.get("model", {}) else "-"),
       "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
       "compile_s": compile_s,
       "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * percentile(step_times, 10),

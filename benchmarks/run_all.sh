@@ -39,8 +39,22 @@ run vae_mlp_hostfeed --config configs/vae_digits.py --steps 200 data.on_device_m
 run vae_conv --config configs/vae_digits.py:conv --steps 100
 run gan_mlp --config configs/gan_digits.py --steps 200
 run gan_mlp_hostfeed --config configs/gan_digits.py --steps 200 data.on_device_mb=0
+run vae_conv_xla --config configs/vae_digits.py:conv --steps 100 model.conv=xla
 run dcgan --config configs/dcgan_digits.py --steps 100
+run dcgan_xla --config configs/dcgan_digits.py --steps 100 model.conv=xla
 run cgan --config configs/cgan_digits.py --steps 100
+run cgan_xla --config configs/cgan_digits.py --steps 100 model.conv=xla
+# 28x28 Fashion-MNIST (Debian's dataset-fashion-mnist), batch 64 and 256.
+if [ -d /usr/share/datasets/fashion-mnist ]; then
+  for b in 64 256; do
+    fm="data.name=fashion_mnist data.batch_size=$b"
+    run "dcgan28_b$b" --config configs/dcgan_mnist.py --steps 20 $fm
+    run "vae_conv28_b$b" --config configs/vae_digits.py:conv --steps 20 $fm
+    run "vae_mlp28_b$b" --config configs/vae_digits.py --steps 50 $fm
+  done
+  run dcgan28_b256_xla --config configs/dcgan_mnist.py --steps 10 $fm model.conv=xla
+  run vae_conv28_b256_xla --config configs/vae_digits.py:conv --steps 10 $fm model.conv=xla
+fi
 XLA_FLAGS=--xla_force_host_platform_device_count=1 run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 200
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev \
     --config configs/lm_shakespeare.py:nano --steps 200 mesh.data=2

@@ -2,10 +2,11 @@
 import json
 import sys
 
-COLUMNS = [("run", "command_config"), ("processes", "processes"), ("devices", "devices"),
+COLUMNS = [("run", "command_config"), ("data", "dataset"), ("processes", "processes"),
+           ("devices", "devices"),
            ("batch", "batch_size"), ("micro-batches", "microbatches"),
            ("grad all-reduce", "grad_allreduce"), ("dense grads", "dense_grads"),
-           ("dtype", "dtype"), ("device", "device_kind"), ("batches from", "batches"),
+           ("convs", "conv"), ("dtype", "dtype"), ("device", "device_kind"), ("batches from", "batches"),
            ("compile s", "compile_s"), ("step ms (p10-p90)", None), ("examples/s", "examples_per_s"),
            ("GFLOP/step model / XLA", None), ("peak GFLOP/s", "peak_matmul_gflops_per_s"),
            ("MFU", "mfu"), ("MFU of datasheet", "mfu_datasheet"),

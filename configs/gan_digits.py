@@ -37,6 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       conditional=False,           # label embedding into G and D
       conditioning="projection",   # how D sees the label: projection | concat
       spectral_norm="sn" in variants,
+      conv="auto",                 # auto | xla | matmul (auto: matmul on CPU; genflax/models/conv.py)
       dtype="float32",             # compute: float32 | bfloat16 (params, losses stay float32)
       param_dtype="float32",       # parameters, optimizer state and the EMA generator
   ))

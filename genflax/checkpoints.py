@@ -27,7 +27,8 @@ from genflax.errors import CheckpointError, UserError
 # checkpoints would belong to something else.
 IDENTITY_KEYS = ("task", "model", "data.name")
 # ...except these, which change how the same model is computed, not what.
-NOT_IDENTITY = ("model.dense_grads", "model.attention", "model.dtype", "model.remat")
+NOT_IDENTITY = ("model.dense_grads", "model.attention", "model.conv", "model.dtype",
+                "model.remat")
 
 
 class _QuietOrbax(logging.Filter):

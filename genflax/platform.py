@@ -52,6 +52,11 @@ def attention(backend: str) -> str:
   return "einsum" if backend == "cpu" else "dot_product_attention"
 
 
+def conv(backend: str) -> str:
+  """model.conv=auto (genflax/models/conv.py)."""
+  return "matmul" if backend == "cpu" else "xla"
+
+
 def choices(config, backend: str, mesh_shape: dict, num_params: int,
             allowed_allreduces=optim.GRAD_ALLREDUCES) -> dict:
   """{key: value} for each `auto` key of `config` on this machine."""
@@ -60,6 +65,7 @@ def choices(config, backend: str, mesh_shape: dict, num_params: int,
                                                      allowed_allreduces),
       "model.dense_grads": lambda: dense_grads(backend),
       "model.attention": lambda: attention(backend),
+      "model.conv": lambda: conv(backend),
   }
   out = {}
   for key, rule in rules.items():

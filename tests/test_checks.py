@@ -30,6 +30,7 @@ BAD = [  # (config, overrides, what the error says)
     (VAE, ["model.obs_sigma=0"], "model.obs_sigma=0.0: must be a finite number > 0"),
     (VAE, ["model.beta=-1"], "model.beta=-1.0: must be a finite number >= 0"),
     (VAE, ["model.dense_grads=fast"], "model.dense_grads='fast': expected one of"),
+    (VAE, ["model.conv=fft"], "model.conv='fft': expected one of"),
     (VAE, ["eval.batch_size=0"], "eval.batch_size=0: must be an integer >= 1"),
     (VAE, ["eval.num_samples=-1"], "eval.num_samples=-1: must be an integer >= 0"),
     (VAE, ["eval.num_samples=4"], "eval.num_samples=4: the interpolations pair 8 test images"),

@@ -53,7 +53,8 @@ def test_auto_values_of_the_lm_config_on_each_backend():
   assert "model.attention" not in platform.choices(explicit, "gpu", dict(data=8), NANO)
   gan = helpers.config("gan_digits", "", **{"train.grad_allreduce": "auto"})
   assert platform.choices(gan, "cpu", dict(data=2), NANO, ("per_param",)) == {
-      "train.grad_allreduce": "per_param"}
+      "train.grad_allreduce": "per_param", "model.conv": "matmul"}
+  assert platform.choices(gan, "gpu", dict(data=2), NANO, ("per_param",))["model.conv"] == "xla"
   resolved = platform.resolve(config, cpu)
   assert (resolved.train.grad_allreduce, resolved.model.attention) == ("reduce_scatter", "einsum")
   assert config.train.grad_allreduce == "auto"  # the config itself is left alone

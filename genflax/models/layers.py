@@ -50,13 +50,13 @@ def dense_dot_general(kind: str):
 
 
 @jax.custom_vjp
-def _matmul(x, w):
-  """x [..., K] @ w [K, N] -> [..., N]."""
+def row_major_matmul(x, w):
+  """x [..., K] @ w [K, N] -> [..., N], whose gradients are row-major matmuls."""
   return jnp.matmul(x, w)
 
 
 def _matmul_fwd(x, w):
-  return _matmul(x, w), (x, w)
+  return row_major_matmul(x, w), (x, w)
 
 
 def _matmul_bwd(residuals, dy):
@@ -70,7 +70,7 @@ def _matmul_bwd(residuals, dy):
   return dy @ w.T, dw.astype(w.dtype)
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+row_major_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def row_major_dot_general(lhs, rhs, dimension_numbers, precision=None,
@@ -80,4 +80,4 @@ def row_major_dot_general(lhs, rhs, dimension_numbers, precision=None,
   if (dimension_numbers != dense or rhs.ndim != 2 or precision is not None
       or preferred_element_type is not None):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-  return _matmul(lhs, rhs)
+  return row_major_matmul(lhs, rhs)

@@ -31,7 +31,7 @@ import optax
 
 from genflax import checks, data, metrics, optim, sharding, tasks
 from genflax.errors import ConfigError
-from genflax.models import layers
+from genflax.models import conv, layers
 from genflax.tasks import gan_eval
 
 ARCHS = ("mlp", "dcgan")
@@ -51,6 +51,7 @@ class Generator(nn.Module):
   num_classes: int           # 0: unconditional
   dtype: jnp.dtype = jnp.float32        # compute (mixed precision: genflax/models/layers.py)
   param_dtype: jnp.dtype = jnp.float32
+  conv: str = "xla"                     # xla | matmul (genflax/models/conv.py)
 
   @nn.compact
   def __call__(self, z, y=None):
@@ -68,8 +69,8 @@ class Generator(nn.Module):
       h = nn.relu(nn.Dense(h_img // s * w_img // s * self.channels[0], **dtypes)(h))
       h = h.reshape(b, h_img // s, w_img // s, self.channels[0])
       for ch in self.channels[1:]:
-        h = nn.relu(nn.ConvTranspose(ch, (4, 4), strides=(2, 2), **dtypes)(h))  # doubles H, W
-      h = nn.ConvTranspose(c_img, (4, 4), strides=(2, 2), **dtypes)(h)          # [B, H, W, C]
+        h = nn.relu(conv.ConvTranspose(ch, (4, 4), 2, impl=self.conv, **dtypes)(h))  # doubles H, W
+      h = conv.ConvTranspose(c_img, (4, 4), 2, impl=self.conv, **dtypes)(h)          # [B, H, W, C]
     else:
       h = nn.Dense(h_img * w_img * c_img, **dtypes)(h).reshape(b, h_img, w_img, c_img)
     return jnp.tanh(h.astype(jnp.float32))
@@ -84,6 +85,7 @@ class Discriminator(nn.Module):
   spectral_norm: bool
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, x, y=None, update_stats: bool = False):
@@ -101,7 +103,7 @@ class Discriminator(nn.Module):
       h = jnp.concatenate([h, jnp.broadcast_to(planes, (b, h_img, w_img, self.num_classes))], -1)
     if self.arch == "dcgan":
       for ch in self.channels:
-        h = nn.leaky_relu(layer(nn.Conv(ch, (4, 4), strides=2, **dtypes), h), 0.2)  # halves H, W
+        h = nn.leaky_relu(layer(conv.Conv(ch, (4, 4), 2, impl=self.conv, **dtypes), h), 0.2)  # halves H, W
     h = h.reshape(b, -1)
     for width in self.hidden:
       h = nn.leaky_relu(layer(nn.Dense(width, **dtypes), h), 0.2)                  # [B, F]
@@ -146,6 +148,7 @@ def check(config) -> None:
   checks.boolean(config, "model.conditional")
   checks.one_of(config, "model.conditioning", CONDITIONINGS)
   checks.boolean(config, "model.spectral_norm")
+  checks.one_of(config, "model.conv", conv.CONVS)
   checks.one_of(config, "loss.kind", LOSSES)
   checks.integer(config, "loss.n_critic", 1)
   checks.number(config, "loss.gp_weight", low=0)
@@ -174,11 +177,11 @@ def build(config, info) -> Setup:
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   classes = info.num_classes if m.conditional else 0
-  dtypes = layers.dtypes(m)
+  dtypes, impl = layers.dtypes(m), conv.conv_impl(m.get("conv", "auto"))
   g = Generator(m.arch, tuple(m.g_hidden), tuple(m.g_channels), info.image_shape, classes,
-                *dtypes)
+                *dtypes, conv=impl)
   d = Discriminator(m.arch, tuple(m.d_hidden), tuple(m.d_channels), classes,
-                    m.conditioning, m.spectral_norm, *dtypes)
+                    m.conditioning, m.spectral_norm, *dtypes, conv=impl)
   steps, d_steps = config.train.num_steps, config.train.num_steps * loss.n_critic
   return Setup(config, info, g, d,
                optim.build(config.optim_g, steps), optim.build(config.optim_d, d_steps),

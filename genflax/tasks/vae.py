@@ -23,7 +23,7 @@ from jax.scipy.special import log_ndtr
 
 from genflax import checks, data, metrics, optim, sharding
 from genflax.errors import ConfigError
-from genflax.models import layers
+from genflax.models import conv, layers
 
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_gaussian")
 ARCHS = ("mlp", "conv")
@@ -39,6 +39,7 @@ class Encoder(nn.Module):
   dense_grads: str = "xla"   # see genflax.models.layers
   dtype: jnp.dtype = jnp.float32        # compute (mixed precision: genflax/models/layers.py)
   param_dtype: jnp.dtype = jnp.float32
+  conv: str = "xla"          # xla | matmul (genflax/models/conv.py)
 
   @nn.compact
   def __call__(self, x, y=None):
@@ -47,7 +48,7 @@ class Encoder(nn.Module):
     h = x.astype(self.dtype)
     if self.arch == "conv":
       for ch in self.channels:
-        h = nn.gelu(nn.Conv(ch, (3, 3), strides=2, **dtypes)(h))  # halves H and W
+        h = nn.gelu(conv.Conv(ch, (3, 3), 2, impl=self.conv, **dtypes)(h))  # halves H and W
     h = h.reshape(h.shape[0], -1)
     if y is not None:
       h = jnp.concatenate([h, y.astype(self.dtype)], -1)
@@ -68,6 +69,7 @@ class Decoder(nn.Module):
   dense_grads: str = "xla"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  conv: str = "xla"
 
   @nn.compact
   def __call__(self, z, y=None):
@@ -85,8 +87,8 @@ class Decoder(nn.Module):
       h = nn.gelu(dense(h_img // scale * w_img // scale * self.channels[-1])(h))
       h = h.reshape(b, h_img // scale, w_img // scale, self.channels[-1])
       for ch in reversed(self.channels):
-        h = nn.gelu(nn.ConvTranspose(ch, (3, 3), strides=(2, 2), **dtypes)(h))  # doubles H, W
-      h = nn.Conv(c_img * self.num_outputs, (3, 3), **dtypes)(h)  # [B, H, W, C * outputs]
+        h = nn.gelu(conv.ConvTranspose(ch, (3, 3), 2, impl=self.conv, **dtypes)(h))  # doubles H, W
+      h = conv.Conv(c_img * self.num_outputs, (3, 3), impl=self.conv, **dtypes)(h)  # [B, H, W, C * outputs]
     else:
       h = dense(h_img * w_img * c_img * self.num_outputs)(h)
     return h.reshape(b, h_img, w_img, c_img, self.num_outputs).astype(jnp.float32)
@@ -138,6 +140,7 @@ def check(config) -> None:
   checks.number(config, "model.beta", low=0)
   checks.boolean(config, "model.conditional")
   checks.one_of(config, "model.dense_grads", layers.DENSE_GRADS)
+  checks.one_of(config, "model.conv", conv.CONVS)
   for key in ("iwae_k", "final_iwae_k", "iwae_chunk"):
     checks.integer(config, f"eval.{key}", 1)
   for key in ("iwae_k", "final_iwae_k"):
@@ -162,9 +165,11 @@ def build(config, info) -> Setup:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   outputs = 2 if m.likelihood == "discretized_gaussian" else 1
   grads, dtypes = layers.dense_grads(m.dense_grads), layers.dtypes(m)
-  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim, grads, *dtypes),
+  impl = conv.conv_impl(m.get("conv", "auto"))
+  model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim, grads, *dtypes,
+                      conv=impl),
               Decoder(m.arch, tuple(m.hidden), tuple(m.channels), info.image_shape, outputs,
-                      grads, *dtypes))
+                      grads, *dtypes, conv=impl))
   return Setup(config, info, model, optim.build(config.optim, config.train.num_steps),
                optim.schedule(config.optim, config.train.num_steps), sharding.make_mesh(config.mesh))
 
