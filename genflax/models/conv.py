@@ -142,40 +142,21 @@ class Conv(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: object = nn.initializers.lecun_normal()
   bias_init: object = nn.initializers.zeros_init()
+  op = staticmethod(conv)  # (x, kernel, strides, padding, impl) -> y
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = conv(x, kernel, self.strides, self.padding, self.impl)
+    y = self.op(x, kernel, self.strides, self.padding, self.impl)
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype).reshape(1, 1, 1, -1)
     return y
 
 
-class ConvTranspose(nn.Module):
+class ConvTranspose(Conv):
   """nn.ConvTranspose's parameters and maths (NHWC, SAME or VALID padding, no
   kernel flip), run as `impl` says."""
-  features: int
-  kernel_size: Sequence[int]
-  strides: int | Sequence[int] = 1
-  padding: str = "SAME"
-  use_bias: bool = True
-  impl: str = "xla"
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-  kernel_init: object = nn.initializers.lecun_normal()
-  bias_init: object = nn.initializers.zeros_init()
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init,
-                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = conv_transpose(x, kernel, self.strides, self.padding, self.impl)
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-      y = y + bias.astype(self.dtype).reshape(1, 1, 1, -1)
-    return y
+  op = staticmethod(conv_transpose)
