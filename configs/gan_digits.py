@@ -8,7 +8,7 @@ Variants (the `:arg`, comma-separated): `hinge`, `wgan` (WGAN-GP: gradient
 penalty 10, 5 critic steps), `r1` (R1 penalty, lazy every 4 steps), `sn`
 (spectral normalisation in D), `smoke` (seconds, for tests).
 Evaluation (FID, KID, IS, precision/recall) uses a classifier trained once
-per dataset and kept in the data dir: see genflax/tasks/gan_eval.py.
+per dataset and kept in the data dir: see genflax/tasks/image_metrics.py.
 
 Sweeps (`python -m genflax.sweep --config configs/gan_digits.py --sweep NAME
 --workdir DIR`): `loss_reg`, FID by loss (ns / hinge / WGAN-GP) and
@@ -59,6 +59,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.update(
       fid_samples=0,               # generated images per eval; 0 = the test split's size
       final_fid_samples=0,         # at the end of training; 0 = the test split's size
+      # Training steps of the feature network FID uses (trained once per dataset
+      # and kept in the data dir); 0 = the default, max(400, 3 epochs), which
+      # every score in experiments/ used (genflax/tasks/image_metrics.py).
+      feature_steps=0,
   )
   if "hinge" in variants:
     c.loss.kind = "hinge"

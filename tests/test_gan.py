@@ -11,7 +11,7 @@ from PIL import Image
 
 from genflax import checkpoints, data, sharding, tasks, trainer
 from genflax.errors import ConfigError
-from genflax.tasks import gan, gan_eval
+from genflax.tasks import gan, image_metrics
 from tests import helpers
 
 
@@ -130,33 +130,44 @@ def test_fid_matches_scipy_and_is_zero_for_a_set_with_itself():
   cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
   want = (np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b)
           - 2 * np.trace(scipy.linalg.sqrtm(cov_a @ cov_b).real))
-  assert gan_eval.fid(a, b) == pytest.approx(want, rel=1e-8)
-  assert abs(gan_eval.fid(a, a)) < 1e-8 * np.trace(cov_a)
+  assert image_metrics.fid(a, b) == pytest.approx(want, rel=1e-8)
+  assert abs(image_metrics.fid(a, a)) < 1e-8 * np.trace(cov_a)
   # KID is unbiased: ~0 between two draws of one distribution, clearly not for two.
   x, y = rng.normal(size=(2, 400, 16))
-  assert abs(gan_eval.kid(x, y)) < 0.1 * gan_eval.kid(x, y + 0.5)
-  assert gan_eval.precision_recall(a, a) == (1.0, 1.0)
+  assert abs(image_metrics.kid(x, y)) < 0.1 * image_metrics.kid(x, y + 0.5)
+  assert image_metrics.precision_recall(a, a) == (1.0, 1.0)
   probs = np.eye(10)[np.arange(200) % 10]  # confident and balanced: the maximum
-  assert gan_eval.inception_score(probs) == pytest.approx(10.0, rel=1e-6)
+  assert image_metrics.inception_score(probs) == pytest.approx(10.0, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
 def features():
   """The network every digits run of this session uses (in the tests' TFDS_DATA_DIR)."""
   train, test, info = data.load("digits")
-  return None, gan_eval.load_or_train(None, train, test, info)
+  return None, image_metrics.load_or_train(None, train, test, info)
 
 
 def test_feature_network_is_accurate_saved_and_reused(features):
   data_dir, (fn, accuracy) = features
   assert accuracy >= 0.96  # measured: 0.989 on the 360 test digits
-  path = gan_eval.feature_dir(data_dir, "digits")
+  path = image_metrics.feature_dir(data_dir, "digits")
   assert os.path.isdir(path)
   train, test, info = data.load("digits")
-  again, accuracy_again = gan_eval.load_or_train(data_dir, train, test, info)
+  again, accuracy_again = image_metrics.load_or_train(data_dir, train, test, info)
   assert accuracy_again == accuracy
-  x = gan_eval.scale(test["image"][:10], info.num_levels)
+  x = image_metrics.scale(test["image"][:10], info.num_levels)
   np.testing.assert_array_equal(again(x)[0], fn(x)[0])
+
+
+def test_feature_network_steps_default_to_three_epochs_and_others_are_kept_apart(tmp_path):
+  assert image_metrics.train_steps(1437) == 400  # digits: the 400 every digits score used
+  assert image_metrics.train_steps(60000) == 1407  # Fashion-MNIST: 3 epochs of 128
+  train, test, info = data.load("digits")
+  _, accuracy = image_metrics.load_or_train(str(tmp_path), train, test, info, steps=5)
+  assert os.listdir(tmp_path / "genflax_features") == ["digits-steps5"]
+  assert 0.1 < accuracy < 0.9  # 5 steps: far from the default network's 0.989
+  image_metrics.load_or_train(str(tmp_path), train, test, info, steps=400)  # the default's count
+  assert sorted(os.listdir(tmp_path / "genflax_features")) == ["digits", "digits-steps5"]
 
 
 # ---- Training

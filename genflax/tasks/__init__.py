@@ -1,4 +1,4 @@
-"""The families (genflax/trainer.py says what a family module defines)."""
+"""The families (genflax/trainer.py says what a family module defines), and what they share."""
 import jax
 
 
@@ -10,3 +10,11 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   """
   init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
   return init_key, train_key
+
+
+def ema_update(average, params, decay: float):
+  """The exponential moving average of parameters, one step: decay * average + (1 - decay) * params.
+
+  The GAN's generator and the diffusion model evaluate and sample with it.
+  """
+  return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, average, params)

@@ -32,7 +32,7 @@ import optax
 from genflax import checks, data, metrics, optim, sharding, tasks
 from genflax.errors import ConfigError
 from genflax.models import conv, layers
-from genflax.tasks import gan_eval
+from genflax.tasks import image_metrics
 
 ARCHS = ("mlp", "dcgan")
 # The step sums its D and G gradients with XLA's per-parameter all-reduces.
@@ -157,6 +157,7 @@ def check(config) -> None:
   checks.number(config, "loss.ema_decay", low=0, below=1)
   checks.integer(config, "eval.fid_samples", 0)
   checks.integer(config, "eval.final_fid_samples", 0)
+  checks.integer(config, "eval.feature_steps", 0)
   if config.train.microbatches != 1:
     raise ConfigError(f"train.microbatches={config.train.microbatches}: the GAN step alternates "
                       "D and G updates on the whole batch; gradient accumulation is not "
@@ -260,7 +261,7 @@ def noise(setup: Setup, rng, n: int):
 
 def inputs(setup: Setup, batch):
   """uint8 levels -> x in [-1, 1] [B, H, W, C]; labels [B] or None."""
-  x = gan_eval.scale(batch["image"], setup.info.num_levels)
+  x = image_metrics.scale(batch["image"], setup.info.num_levels)
   return x, batch["label"] if setup.config.model.conditional else None
 
 
@@ -316,8 +317,7 @@ def train_step(setup: Setup, state: dict, batch: dict, rng):
   g_value, grads = jax.value_and_grad(loss_fn)(g_params)
   updates, g_opt = setup.tx_g.update(grads, state["opt_state"]["g"], g_params)
   g_params = optax.apply_updates(g_params, updates)
-  decay = loss_cfg.ema_decay
-  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema_g"], g_params)
+  ema = tasks.ema_update(state["ema_g"], g_params, loss_cfg.ema_decay)
 
   new = {"params": {"g": g_params, "d": d_params}, "opt_state": {"g": g_opt, "d": d_opt},
          "ema_g": ema, "step": state["step"] + 1}
@@ -371,7 +371,7 @@ def generate_images(setup: Setup, g_params, n: int, rng):
   fixed-size chunks so that every call reuses one compilation."""
   if "generate" not in setup.cache:
     setup.cache["generate"] = jax.jit(lambda p, z, y: setup.g.apply({"params": p}, z, y))
-  chunk = gan_eval.CHUNK
+  chunk = image_metrics.CHUNK
   outs = []
   for start in range(0, n, chunk):
     z = noise(setup, jax.random.fold_in(rng, start), chunk)
@@ -390,36 +390,22 @@ def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
   n = n or setup.info.num_test
   ref = reference(setup, test, n)
   # On the host first: every process scores the whole set on its own devices.
-  fake, probs = ref["features"](generate_images(setup, sharding.host_copy(state["ema_g"]), n, rng))
-  precision, recall = gan_eval.precision_recall(ref["real"], fake)
-  return {"fid": gan_eval.fid(fake, ref["real"]), "fid_floor": ref["fid_floor"],
-          "fid_init": ref["fid_init"], "kid": gan_eval.kid(fake, ref["real"]),
-          "kid_floor": ref["kid_floor"], "is": gan_eval.inception_score(probs),
-          "is_real": ref["is_real"], "precision": precision, "recall": recall,
-          "feature_net_test_accuracy": ref["accuracy"]}
+  images = generate_images(setup, sharding.host_copy(state["ema_g"]), n, rng)
+  return {**image_metrics.scores(ref, images), "fid_init": ref["fid_init"]}
 
 
 def reference(setup: Setup, test: dict, n: int) -> dict:
-  """What a score of n generated images is compared with, computed once per n.
-
-  The floor compares n train images (at most all of them) with the test
-  split: the score of a generator as good as fresh real data. The value at
-  initialisation scores an untrained G of the same seed.
-  """
+  """image_metrics.reference for n images, and the FID of an untrained G of the
+  run's own seed (`fid_init`), computed once per n."""
   key = ("reference", n)
-  if key in setup.cache:
-    return setup.cache[key]
-  c, info = setup.config, setup.info
-  train, _, _ = datasets(c, "")
-  features, accuracy = gan_eval.load_or_train(c.data.data_dir or None, train, test, info)
-  real, real_probs = features(gan_eval.scale(test["image"], info.num_levels))
-  floor, _ = features(gan_eval.scale(train["image"][:n], info.num_levels))
-  untrained = init(setup, tasks.run_keys(c.seed)[0])["ema_g"]  # the run's own start
-  at_init, _ = features(generate_images(setup, untrained, n, jax.random.PRNGKey(c.seed + 1)))
-  setup.cache[key] = {
-      "features": features, "accuracy": accuracy, "real": real,
-      "fid_floor": gan_eval.fid(floor, real), "kid_floor": gan_eval.kid(floor, real),
-      "fid_init": gan_eval.fid(at_init, real), "is_real": gan_eval.inception_score(real_probs)}
+  if key not in setup.cache:
+    c = setup.config
+    train, _, _ = datasets(c, "")
+    ref = image_metrics.reference(c, train, test, setup.info, n)
+    untrained = init(setup, tasks.run_keys(c.seed)[0])["ema_g"]  # the run's own start
+    at_init = generate_images(setup, untrained, n, jax.random.PRNGKey(c.seed + 1))
+    setup.cache[key] = {**ref, "fid_init": image_metrics.fid(ref["features"](at_init)[0],
+                                                             ref["real"])}
   return setup.cache[key]
 
 
