@@ -16,6 +16,7 @@ if [ "$mode" = gpu ]; then
     run "vae_conv_$dtype" --config configs/vae_digits.py:conv --steps 100 model.dtype=$dtype
     run "dcgan_$dtype" --config configs/dcgan_digits.py --steps 100 model.dtype=$dtype
     run "cgan_$dtype" --config configs/cgan_digits.py --steps 100 model.dtype=$dtype
+    run "diffusion_$dtype" --config configs/diffusion_digits.py --steps 100 model.dtype=$dtype
     run "lm_nano_$dtype" --config configs/lm_shakespeare.py:nano --steps 100 model.dtype=$dtype
     run "lm_baby_$dtype" --config configs/lm_shakespeare.py:baby --steps 50 model.dtype=$dtype \
         train.microbatches=1
@@ -44,16 +45,18 @@ run dcgan --config configs/dcgan_digits.py --steps 100
 run dcgan_xla --config configs/dcgan_digits.py --steps 100 model.conv=xla
 run cgan --config configs/cgan_digits.py --steps 100
 run cgan_xla --config configs/cgan_digits.py --steps 100 model.conv=xla
+run diffusion --config configs/diffusion_digits.py --steps 50
 # 28x28 Fashion-MNIST (Debian's dataset-fashion-mnist), batch 64 and 256.
 if [ -d /usr/share/datasets/fashion-mnist ]; then
   for b in 64 256; do
-    fm="data.name=fashion_mnist data.batch_size=$b"
-    run "dcgan28_b$b" --config configs/dcgan_mnist.py --steps 20 $fm
-    run "vae_conv28_b$b" --config configs/vae_digits.py:conv --steps 20 $fm
-    run "vae_mlp28_b$b" --config configs/vae_digits.py --steps 50 $fm
+    fm="data.batch_size=$b"
+    run "dcgan28_b$b" --config configs/dcgan_fashion.py --steps 20 $fm
+    run "cgan28_b$b" --config configs/dcgan_fashion.py:conditional --steps 20 $fm
+    run "vae_conv28_b$b" --config configs/vae_fashion.py:conv --steps 20 $fm
+    run "vae_mlp28_b$b" --config configs/vae_fashion.py --steps 50 $fm
   done
-  run dcgan28_b256_xla --config configs/dcgan_mnist.py --steps 10 $fm model.conv=xla
-  run vae_conv28_b256_xla --config configs/vae_digits.py:conv --steps 10 $fm model.conv=xla
+  run dcgan28_b256_xla --config configs/dcgan_fashion.py --steps 10 $fm model.conv=xla
+  run vae_conv28_b256_xla --config configs/vae_fashion.py:conv --steps 10 $fm model.conv=xla
 fi
 XLA_FLAGS=--xla_force_host_platform_device_count=1 run lm_nano_1dev --config configs/lm_shakespeare.py:nano --steps 200
 XLA_FLAGS=--xla_force_host_platform_device_count=2 run lm_nano_2dev \

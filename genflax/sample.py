@@ -1,8 +1,9 @@
 """Samples from a trained run: `python -m genflax.sample --workdir runs/x --num 64 --out grid.png`.
 
 Loads the run's config and its latest checkpoint, then hands the flags to
-the family's `generate` (images for VAE and GAN, `--label` for conditional
-models; text from `--prompt` for language models).
+the family's `generate` (images for VAE, GAN and diffusion, `--label` for
+conditional models, `--steps` and `--guidance` for diffusion's sampler;
+text from `--prompt` for language models).
 """
 import sys
 
@@ -21,6 +22,9 @@ flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 means greedy.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
 flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens with this much probability.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("steps", None, "Diffusion: sampler steps (default: the run's sample.steps).")
+flags.DEFINE_float("guidance", None, "Diffusion: classifier-free guidance scale, 0 unconditional, "
+                   "1 conditional (default: the run's sample.guidance).")
 FLAGS = flags.FLAGS
 
 
@@ -33,6 +37,8 @@ def main(argv) -> int:
       raise UserError(f"--num={FLAGS.num} must be >= 1 and --max_new_tokens="
                       f"{FLAGS.max_new_tokens} >= 0")
     checks.sampling(FLAGS, "--")
+    if (FLAGS.steps is not None and FLAGS.steps < 1) or (FLAGS.guidance or 0) < 0:
+      raise UserError(f"--steps={FLAGS.steps} must be >= 1 and --guidance={FLAGS.guidance} >= 0")
     task, setup, state, step = trainer.load_run(FLAGS.workdir)
     print(f"{setup.config.task} from {FLAGS.workdir}, step {step}")
     task.generate(setup, state, FLAGS)

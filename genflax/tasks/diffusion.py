@@ -1,0 +1,477 @@
+"""Diffusion family: an EDM denoiser or a rectified flow over a small U-Net, ODE samplers.
+
+Shapes: B batch, H W C image, D channels, E embedding width, L number of
+classes (conditional models), N sampler steps.
+
+Pixels are uint8 levels scaled to x in [-1, 1] (the GAN's range). Two
+objectives (`loss.kind`), one network F(x, noise level, label):
+
+  edm   Karras et al. 2022: the denoiser D(x; sigma) = c_skip x + c_out
+        F(c_in x, c_noise) with EDM's preconditioning (sigma_data = 0.5),
+        trained at ln sigma ~ N(loss.p_mean, loss.p_std^2) with the weight
+        (sigma^2 + sigma_data^2) / (sigma sigma_data)^2;
+  flow  rectified flow (flow matching): x_t = (1 - t) n + t x for noise n,
+        F(x_t, t) fits the velocity x - n; t uniform or logit-normal.
+
+Both sample by integrating one ODE dx/dtau = f(x, tau) over a grid
+(`sample_grid`): EDM from sigma_max down to 0 on its rho = 7 schedule with
+f = (x - D(x; sigma)) / sigma, the flow from t = 0 (noise) to 1 with f = F.
+`sample.sampler` is euler or heun (second order; EDM's last step, into
+sigma = 0, is Euler); `sample.churn` > 0 adds EDM's stochastic churn.
+
+Classifier-free guidance: training drops a label with probability
+`model.label_dropout` (a null class L stands for "no label"); sampling
+mixes f_uncond + w (f_cond - f_uncond), so w = 0 is the unconditional
+model and w = 1 the conditional one (`sample.guidance`).
+
+The state keeps an EMA of the parameters (`loss.ema_decay`, shared with the
+GAN: genflax.tasks.ema_update); evaluation and samples use it. FID and
+friends come from genflax/tasks/image_metrics.py, as the GAN's do.
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from genflax import checks, data, metrics, optim, sharding, tasks
+from genflax.errors import ConfigError
+from genflax.models import conv, layers
+from genflax.tasks import image_metrics
+
+KINDS = ("edm", "flow")
+SAMPLERS = ("euler", "heun")
+TIME_SAMPLING = ("uniform", "logit_normal")
+SIGMA_DATA = 0.5  # EDM's assumed standard deviation of the data, here on [-1, 1]
+
+
+# ---- Modules
+
+def level_embedding(level, width: int):
+  """Sinusoidal features of a noise level [B] (EDM's c_noise or the flow's t, both
+  O(1)) at frequencies 1 to 1000 -> [B, width]."""
+  freqs = jnp.exp(jnp.linspace(0.0, math.log(1000.0), width // 2))
+  angles = level[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
+
+
+class ResBlock(nn.Module):
+  features: int
+  conv: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb):
+    """x [B, H, W, D_in], emb [B, E] -> [B, H, W, features]."""
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda: nn.GroupNorm(min(8, x.shape[-1]), **dtypes)
+    h = conv.Conv(self.features, (3, 3), impl=self.conv, **dtypes)(nn.silu(norm()(x)))
+    h = h + nn.Dense(self.features, **dtypes)(emb)[:, None, None, :]
+    h = nn.GroupNorm(min(8, self.features), **dtypes)(h)
+    h = conv.Conv(self.features, (3, 3), impl=self.conv, kernel_init=nn.initializers.zeros,
+                  **dtypes)(nn.silu(h))  # each block starts as the identity
+    if x.shape[-1] != self.features:
+      x = conv.Conv(self.features, (1, 1), impl=self.conv, **dtypes)(x)
+    return x + h
+
+
+class Attention(nn.Module):
+  """Self-attention over the pixels of the lowest resolution, residual."""
+  num_heads: int = 1
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, d = x.shape
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = nn.GroupNorm(min(8, d), **dtypes)(x).reshape(b, h * w, d)
+    y = nn.MultiHeadDotProductAttention(self.num_heads, out_kernel_init=nn.initializers.zeros,
+                                        **dtypes)(y, y)
+    return x + y.reshape(b, h, w, d)
+
+
+class UNet(nn.Module):
+  """A U-Net: per level `blocks` residual blocks, stride-2 convs down,
+  nearest-neighbour upsampling + conv up, skips concatenated."""
+  channels: tuple[int, ...]  # per resolution, full first; len - 1 halvings
+  blocks: int
+  attention: bool            # self-attention in the middle (the lowest resolution)
+  num_classes: int           # 0: unconditional; else label L means "none"
+  conv: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, level, y=None):
+    """x [B, H, W, C], level [B], y [B] int in 0..L or None -> [B, H, W, C] (float32)."""
+    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    block = lambda d: ResBlock(d, self.conv, **dtypes)
+    width = 4 * self.channels[0]
+    emb = nn.Dense(width, **dtypes)(level_embedding(level, self.channels[0]))
+    emb = nn.Dense(width, **dtypes)(nn.silu(emb))
+    if y is not None:
+      emb = emb + nn.Embed(self.num_classes + 1, width, **dtypes)(y)
+    emb = nn.silu(emb)                                                   # [B, E]
+    h = conv.Conv(self.channels[0], (3, 3), impl=self.conv, **dtypes)(x.astype(self.dtype))
+    skips = [h]
+    for i, d in enumerate(self.channels):
+      for _ in range(self.blocks):
+        h = block(d)(h, emb)
+        skips.append(h)
+      if i < len(self.channels) - 1:
+        h = conv.Conv(d, (3, 3), 2, impl=self.conv, **dtypes)(h)        # halves H, W
+        skips.append(h)
+    h = block(self.channels[-1])(h, emb)
+    if self.attention:
+      h = Attention(**dtypes)(h)
+    h = block(self.channels[-1])(h, emb)
+    for i, d in reversed(list(enumerate(self.channels))):
+      for _ in range(self.blocks + 1):
+        h = block(d)(jnp.concatenate([h, skips.pop()], -1), emb)
+      if i > 0:
+        h = jnp.repeat(jnp.repeat(h, 2, 1), 2, 2)                        # doubles H, W
+        h = conv.Conv(d, (3, 3), impl=self.conv, **dtypes)(h)
+    h = nn.silu(nn.GroupNorm(min(8, h.shape[-1]), **dtypes)(h))
+    out = conv.Conv(x.shape[-1], (3, 3), impl=self.conv, kernel_init=nn.initializers.zeros,
+                    **dtypes)(h)
+    return out.astype(jnp.float32)
+
+
+# ---- Setup and state
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  config: object
+  info: object
+  net: UNet
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  # Evaluation's compiled parts and reference statistics, made on first use.
+  cache: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+
+
+def datasets(config, workdir: str):
+  del workdir  # images need nothing saved with the run
+  return data.load(config.data.name, config.data.data_dir or None,
+                   config.data.get("idx_dir") or None)
+
+
+def check(config) -> None:
+  """The diffusion family's config values (genflax/checks.py has the shared ones)."""
+  m, loss, s = config.model, config.loss, config.sample
+  checks.sizes(config, "model.channels", nonempty=True)
+  if any(d % 8 for d in m.channels):
+    raise ConfigError(f"model.channels={tuple(m.channels)}: group norm takes 8 groups, so "
+                      "every width must be a multiple of 8")
+  checks.integer(config, "model.blocks", 1)
+  checks.boolean(config, "model.attention")
+  checks.boolean(config, "model.conditional")
+  checks.number(config, "model.label_dropout", low=0, below=1)
+  checks.one_of(config, "model.conv", conv.CONVS)
+  checks.one_of(config, "loss.kind", KINDS)
+  checks.number(config, "loss.p_mean")
+  checks.number(config, "loss.p_std", above=0)
+  checks.one_of(config, "loss.time_sampling", TIME_SAMPLING)
+  checks.number(config, "loss.ema_decay", low=0, below=1)
+  checks.one_of(config, "sample.sampler", SAMPLERS)
+  checks.integer(config, "sample.steps", 1)
+  checks.number(config, "sample.guidance", low=0)
+  checks.number(config, "sample.churn", low=0)
+  checks.number(config, "sample.sigma_min", above=0)
+  checks.number(config, "sample.sigma_max", above=s.sigma_min)
+  checks.number(config, "sample.rho", above=0)
+  if s.churn and loss.kind != "edm":
+    raise ConfigError(f"sample.churn={s.churn}: stochastic churn is EDM's sampler; "
+                      "the flow samples deterministically, use 0")
+  if s.guidance != 1 and not m.conditional:
+    raise ConfigError(f"sample.guidance={s.guidance}: guidance needs a conditional model "
+                      "(model.conditional=True); use 1")
+  checks.integer(config, "eval.fid_samples", 0)
+  checks.integer(config, "eval.final_fid_samples", 0)
+  checks.integer(config, "eval.feature_steps", 0)
+  checks.sizes(config, "eval.final_fid_steps")
+
+
+def build(config, info) -> Setup:
+  m = config.model
+  h, w, _ = info.image_shape
+  down = 2 ** (len(m.channels) - 1)
+  if h % down or w % down:
+    raise ConfigError(f"model.channels={tuple(m.channels)}: {len(m.channels) - 1} halvings "
+                      f"need H and W divisible by {down}, got {h}x{w}")
+  if m.conditional and not info.num_classes:
+    raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
+  net = UNet(tuple(m.channels), m.blocks, m.attention, info.num_classes if m.conditional else 0,
+             conv.conv_impl(m.get("conv", "auto")), *layers.dtypes(m))
+  return Setup(config, info, net, optim.build(config.optim, config.train.num_steps),
+               optim.schedule(config.optim, config.train.num_steps),
+               sharding.make_mesh(config.mesh))
+
+
+def init(setup: Setup, rng) -> dict:
+  y = jnp.zeros((1,), jnp.int32) if setup.config.model.conditional else None
+  params = setup.net.init(rng, jnp.zeros((1, *setup.info.image_shape)), jnp.zeros((1,)),
+                          y)["params"]
+  return {"params": params, "opt_state": optim.init(setup.tx, params, setup.config.train),
+          "ema": jax.tree.map(jnp.copy, params)}
+
+
+def learning_rates(setup: Setup, step: int) -> dict:
+  return {"lr": setup.schedule(step)}
+
+
+# ---- Maths: preconditioning, losses, the ODE's drift
+
+def edm_preconditioning(sigma):
+  """EDM's (c_skip, c_out, c_in, c_noise) for noise levels sigma (any shape)."""
+  total = sigma**2 + SIGMA_DATA**2
+  return (SIGMA_DATA**2 / total, sigma * SIGMA_DATA / jnp.sqrt(total), 1.0 / jnp.sqrt(total),
+          jnp.log(sigma) / 4.0)
+
+
+def denoise(net_fn, x, sigma, y):
+  """EDM's D(x; sigma) for x [B, H, W, C], sigma [B]: c_skip x + c_out F(c_in x, c_noise)."""
+  c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma)
+  pixel = lambda c: c[:, None, None, None]
+  return pixel(c_skip) * x + pixel(c_out) * net_fn(pixel(c_in) * x, c_noise, y)
+
+
+def drop_labels(setup: Setup, y, rng):
+  """Labels [B] -> the null class L with probability model.label_dropout (or None)."""
+  m = setup.config.model
+  if not m.conditional:
+    return None
+  drop = jax.random.bernoulli(rng, m.label_dropout, y.shape)
+  return jnp.where(drop, setup.info.num_classes, y)
+
+
+def losses(setup: Setup, params, x, y, rng):
+  """Per image [B]: the objective's weighted squared error, mean over pixels."""
+  c = setup.config.loss
+  b = x.shape[0]
+  rng_level, rng_noise = jax.random.split(rng)
+  n = jax.random.normal(rng_noise, x.shape)
+  net_fn = lambda x, level, y: setup.net.apply({"params": params}, x, level, y)
+  per_pixel = lambda e: jnp.mean(e.reshape(b, -1), -1)
+  if c.kind == "edm":
+    sigma = jnp.exp(c.p_mean + c.p_std * jax.random.normal(rng_level, (b,)))
+    weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
+    d = denoise(net_fn, x + sigma[:, None, None, None] * n, sigma, y)
+    return weight * per_pixel((d - x) ** 2)
+  u = jax.random.normal(rng_level, (b,))
+  t = jax.nn.sigmoid(u) if c.time_sampling == "logit_normal" else jax.random.uniform(rng_level, (b,))
+  tt = t[:, None, None, None]
+  v = net_fn((1 - tt) * n + tt * x, t, y)
+  return per_pixel((v - (x - n)) ** 2)
+
+
+def drift(setup: Setup, params, y, guidance: float):
+  """The ODE's f(x [B, H, W, C], tau scalar) -> dx/dtau (EDM: tau = sigma > 0; flow: t),
+  guided between the null label and y [B] when guidance != 1."""
+  net_fn = lambda x, level, y: setup.net.apply({"params": params}, x, level, y)
+  edm = setup.config.loss.kind == "edm"
+
+  def f(x, tau, y):
+    level = jnp.full((x.shape[0],), tau)
+    return (x - denoise(net_fn, x, level, y)) / tau if edm else net_fn(x, level, y)
+
+  def guided(x, tau):
+    if y is None or guidance == 1:
+      return f(x, tau, y)
+    null = jnp.full_like(y, setup.info.num_classes)
+    if guidance == 0:
+      return f(x, tau, null)
+    both = f(jnp.concatenate([x, x]), tau, jnp.concatenate([y, null]))  # one pass for both
+    cond, uncond = jnp.split(both, 2)
+    return uncond + guidance * (cond - uncond)
+  return guided
+
+
+def sample_grid(kind: str, steps: int, sample_cfg):
+  """The N + 1 values of tau a sampler visits: EDM's sigmas (N of them, then 0) or
+  the flow's t = 0, 1/N, ..., 1 (float32 [N + 1])."""
+  if kind == "flow":
+    return jnp.linspace(0.0, 1.0, steps + 1)
+  s = sample_cfg
+  i = jnp.arange(steps) / max(steps - 1, 1)
+  lo, hi = s.sigma_min ** (1 / s.rho), s.sigma_max ** (1 / s.rho)
+  return jnp.append((hi + i * (lo - hi)) ** s.rho, 0.0)
+
+
+def solve(f, noise, grid, rng, sampler: str, edm: bool, churn: float = 0.0):
+  """Integrates dx/dtau = f(x, tau) along grid [N + 1] from noise [B, ...] (scaled by
+  grid[0] for EDM, whose start is N(0, sigma_max^2)) -> x at grid[N]."""
+  steps = grid.shape[0] - 1
+  gamma = min(churn / steps, math.sqrt(2.0) - 1.0)
+
+  def step(i, x):
+    tau, nxt = grid[i], grid[i + 1]
+    if gamma:  # EDM's churn: raise sigma by a factor 1 + gamma with fresh noise first
+      hat = tau * (1 + gamma)
+      eps = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
+      x, tau = x + jnp.sqrt(hat**2 - tau**2) * eps, hat
+    d = f(x, tau)
+    euler = x + (nxt - tau) * d
+    if sampler == "euler":
+      return euler
+    # Heun: the mean of the slopes at both ends; into sigma = 0 EDM takes Euler's step.
+    last = jnp.logical_and(edm, nxt == 0)
+    d2 = f(euler, jnp.where(last, 1.0, nxt))
+    return jnp.where(last, euler, x + (nxt - tau) * 0.5 * (d + d2))
+
+  return jax.lax.fori_loop(0, steps, step, noise * grid[0] if edm else noise)
+
+
+def sample(setup: Setup, params, noise, y, rng, steps: int, guidance: float):
+  """Images [B, H, W, C] in [-1, 1] from noise [B, H, W, C] with the config's sampler."""
+  kind, s = setup.config.loss.kind, setup.config.sample
+  x = solve(drift(setup, params, y, guidance), noise, sample_grid(kind, steps, s), rng,
+            s.sampler, kind == "edm", s.churn)
+  return jnp.clip(x, -1.0, 1.0)
+
+
+# ---- Training
+
+def inputs(setup: Setup, batch):
+  """uint8 levels -> x in [-1, 1] [B, H, W, C]; labels [B] or None."""
+  x = image_metrics.scale(batch["image"], setup.info.num_levels)
+  return x, batch["label"] if setup.config.model.conditional else None
+
+
+def train_step(setup: Setup, state: dict, batch: dict, rng):
+  def loss_fn(params, batch, rng):
+    x, y = inputs(setup, batch)
+    rng_drop, rng_loss = jax.random.split(rng)
+    loss = jnp.mean(losses(setup, params, x, drop_labels(setup, y, rng_drop), rng_loss))
+    return loss, {"loss": loss}
+
+  new, step_metrics = optim.update(setup.tx, state, loss_fn, batch, rng, setup.config.train,
+                                   setup.mesh)
+  new["ema"] = tasks.ema_update(state["ema"], new["params"], setup.config.loss.ema_decay)
+  return new, step_metrics
+
+
+def net_macs(setup: Setup) -> int:
+  """Multiply-adds of one U-Net pass on one image (convs and dense layers; attention's
+  score matmuls included, norms and activations not)."""
+  m, (h, w, c) = setup.config.model, setup.info.image_shape
+  conv3 = lambda hw, cin, cout: hw * 9 * cin * cout
+  width = 4 * m.channels[0]
+  macs = m.channels[0] // 2 * 2 * width + width * width   # the level embedding's MLP
+  hw, d, skips = h * w, m.channels[0], []
+
+  def block(hw, cin, cout):
+    return conv3(hw, cin, cout) + conv3(hw, cout, cout) + width * cout + (
+        hw * cin * cout if cin != cout else 0)
+
+  macs += conv3(hw, c, d)
+  skips.append(d)
+  for i, ch in enumerate(m.channels):
+    for _ in range(m.blocks):
+      macs, d = macs + block(hw, d, ch), ch
+      skips.append(d)
+    if i < len(m.channels) - 1:
+      hw //= 4
+      macs += conv3(hw, d, d)
+      skips.append(d)
+  macs += 2 * block(hw, d, d)
+  if m.attention:
+    macs += 4 * hw * d * d + 2 * hw * hw * d
+  for i, ch in reversed(list(enumerate(m.channels))):
+    for _ in range(m.blocks + 1):
+      macs, d = macs + block(hw, d + skips.pop(), ch), ch
+    if i > 0:
+      hw *= 4
+      macs += conv3(hw, d, d)
+  return macs + conv3(hw, d, c)
+
+
+def train_flops(setup: Setup) -> float:
+  """FLOPs of one training image: one U-Net pass, forward and backward (~3x forward)."""
+  return 3 * 2 * net_macs(setup)
+
+
+# ---- Evaluation and samples
+
+def labels_for(setup: Setup, start: int, n: int):
+  """Balanced labels start..start + n (mod L) for a conditional model, else None."""
+  if not setup.config.model.conditional:
+    return None
+  return jnp.arange(start, start + n) % setup.info.num_classes
+
+
+def generate_images(setup: Setup, params, n: int, rng, steps: int):
+  """n images [n, H, W, C] in [-1, 1] (NumPy) with the config's sampler at `steps`, in
+  fixed-size chunks (one compilation per step count)."""
+  key = ("generate", steps)
+  if key not in setup.cache:
+    guidance = setup.config.sample.guidance
+    setup.cache[key] = jax.jit(lambda p, z, y, r: sample(setup, p, z, y, r, steps, guidance))
+  chunk, outs = image_metrics.CHUNK, []
+  for start in range(0, n, chunk):
+    r = jax.random.fold_in(rng, start)
+    z = jax.random.normal(r, (chunk, *setup.info.image_shape))
+    outs.append(setup.cache[key](params, z, labels_for(setup, start, chunk),
+                                 jax.random.fold_in(r, 1)))
+  return np.concatenate(jax.device_get(outs))[:n]
+
+
+def reference(setup: Setup, test: dict, n: int) -> dict:
+  key = ("reference", n)
+  if key not in setup.cache:
+    train, _, _ = datasets(setup.config, "")
+    setup.cache[key] = image_metrics.reference(setup.config, train, test, setup.info, n)
+  return setup.cache[key]
+
+
+def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
+  """FID, KID, IS and precision/recall of EMA samples at sample.steps, with FID's floor;
+  at the final evaluation also FID at each of eval.final_fid_steps (`fid_steps<N>`)."""
+  c = setup.config
+  n = (c.eval.final_fid_samples if final else c.eval.fid_samples) or setup.info.num_test
+  ref = reference(setup, test, n)
+  ema = sharding.host_copy(state["ema"])  # every process scores the whole set itself
+  values = image_metrics.scores(ref, generate_images(setup, ema, n, rng, c.sample.steps))
+  for steps in (c.eval.final_fid_steps if final else ()):
+    images = generate_images(setup, ema, n, rng, steps)
+    values[f"fid_steps{steps}"] = image_metrics.fid(ref["features"](images)[0], ref["real"])
+  return values
+
+
+def samples(setup: Setup, state: dict, batch: dict, rng) -> dict:
+  """EMA samples on fixed noise: a grid [rows, cols, H, W, C] in [0, 1], a row per class
+  for conditional models."""
+  del batch  # sampling needs no test images
+  s, cols = setup.config.sample, 8
+  rows = setup.info.num_classes if setup.config.model.conditional else 8
+  z = jax.random.normal(rng, (rows * cols, *setup.info.image_shape))
+  y = jnp.repeat(jnp.arange(rows), cols) if setup.config.model.conditional else None
+  x = sample(setup, state["ema"], z, y, rng, s.steps, s.guidance)
+  return {"samples": ((x + 1) / 2).reshape(rows, cols, *setup.info.image_shape)}
+
+
+def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
+  writer.image_grids(step, grids)
+
+
+def generate(setup: Setup, state: dict, args) -> None:
+  """`genflax.sample`: args.num EMA samples as one PNG grid (8 per row) at args.out;
+  --steps and --guidance override the config's sampler."""
+  s, conditional = setup.config.sample, setup.config.model.conditional
+  rows, cols, y = metrics.sample_grid(args.num, args.label,
+                                      setup.info.num_classes if conditional else None)
+  steps = args.steps or s.steps
+  guidance = s.guidance if args.guidance is None else args.guidance
+  if guidance != 1 and not conditional:
+    raise ConfigError(f"--guidance={guidance}: guidance needs a conditional model")
+  rng = jax.random.PRNGKey(args.seed)
+  z = jax.random.normal(rng, (rows * cols, *setup.info.image_shape))
+  fn = jax.jit(lambda p, z, y: sample(setup, p, z, y, rng, steps, guidance))
+  x = fn(state["ema"], z, None if y is None else jnp.asarray(y))
+  metrics.save_sample_grid(args.out, (x + 1) / 2, rows, cols)
