@@ -112,7 +112,13 @@ def config(c, task) -> None:
   for rule in c.sharding_rules:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
       raise ConfigError(f"sharding_rules: {rule!r} is not a (logical axis, mesh axis) pair")
-  task.check(c)
+  try:
+    task.check(c)
+  except AttributeError as e:  # ConfigDict's for a section or key this config does not have
+    key = str(e).strip("\"'")
+    raise ConfigError(f"task={c.task!r} reads config key {key!r}, which this config lacks: start "
+                      f"from a config written for that task (configs/*.py with "
+                      f"config.task = {c.task!r})") from None
 
 
 def idx_dir(c) -> None:

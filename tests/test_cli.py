@@ -18,7 +18,7 @@ def _error(result) -> str:
   return lines[-1]
 
 
-@pytest.mark.parametrize("args,expected", [
+FLAG_ERRORS = [
     ([SMOKE, "--workdir=x", "--config.train.num_stepz=3"],
      ["unknown config key 'train.num_stepz'", "did you mean train.num_steps"]),
     ([SMOKE, "--workdir=x", "--config.optim.lr=fast"],
@@ -26,24 +26,37 @@ def _error(result) -> str:
     ([SMOKE], ["--workdir is missing"]),
     (["--workdir=x"], ["--config is missing"]),
     (["--config=configs/nope.py", "--workdir=x"], ["no file 'configs/nope.py'"]),
-])
-def test_flag_errors(args, expected):
-  message = _error(helpers.cli(*args))
-  for text in expected:
+    # Values that only the task, the mesh or the batch split can judge.
+    ([SMOKE, "--workdir={w}", "--config.model.likelihood=poisson"],
+     ["model.likelihood='poisson'", "discretized_gaussian"]),
+    ([SMOKE, "--workdir={w}", "--config.task=gflownet"],
+     ["task='gflownet'", "'vae'", "'lm'", "'diffusion'"]),
+    ([SMOKE, "--workdir={w}", "--config.task=diffusion"],
+     ["task='diffusion' reads config key 'loss', which this config lacks"]),
+    ([SMOKE, "--workdir={w}", "--config.mesh.data=16"], ["does not fit 8 devices"]),
+    ([SMOKE, "--workdir={w}", "--config.mesh.data=3"],
+     ["data.batch_size=128 does not split over the mesh's 3 batch shards"]),
+    ([SMOKE, "--workdir={w}", "--config.train.microbatches=3"],
+     ["train.microbatches=3 does not divide data.batch_size=128"]),
+]
+
+
+@pytest.fixture(scope="module")
+def flag_errors(tmp_path_factory):
+  """Every FLAG_ERRORS command line, run in a fresh directory (helpers.cli_many)."""
+  where = tmp_path_factory.mktemp("flag_errors")
+  w = where / "w"
+  results = helpers.cli_many([[a.format(w=w) for a in args] for args, _ in FLAG_ERRORS], where)
+  assert not os.path.exists(w) and not os.path.exists(os.path.join(helpers.ROOT, "x"))
+  return results
+
+
+@pytest.mark.parametrize("case", range(len(FLAG_ERRORS)),
+                         ids=[" ".join(a[1:]) or a[0] for a, _ in FLAG_ERRORS])
+def test_flag_and_value_errors(flag_errors, case):
+  message = _error(flag_errors[case])
+  for text in FLAG_ERRORS[case][1]:
     assert text in message
-
-
-def test_bad_values_are_named(tmp_path):
-  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.model.likelihood=poisson"))
-  assert "model.likelihood='poisson'" in message and "discretized_gaussian" in message
-  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.task=diffusion"))
-  assert "task='diffusion'" in message and "'vae'" in message and "'lm'" in message
-  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.mesh.data=16"))
-  assert "does not fit 8 devices" in message
-  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.mesh.data=3"))
-  assert "data.batch_size=128 does not split over the mesh's 3 batch shards" in message
-  message = _error(helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.train.microbatches=3"))
-  assert "train.microbatches=3 does not divide data.batch_size=128" in message
 
 
 def test_dataset_not_prepared(tmp_path):
