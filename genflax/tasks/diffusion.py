@@ -24,6 +24,15 @@ Classifier-free guidance: training drops a label with probability
 mixes f_uncond + w (f_cond - f_uncond), so w = 0 is the unconditional
 model and w = 1 the conditional one (`sample.guidance`).
 
+Likelihood (`log_likelihood`): the same ODE carries a density. Uniformly
+dequantised test images x (a uniform draw inside each pixel's level bin, of
+width 2 / (levels - 1)) are integrated from the data end to the noise end,
+where x is Gaussian, with the divergence of f along the path (a Hutchinson
+estimate, one Rademacher probe per image) by diffrax's adaptive Tsit5;
+log P(levels) >= log p(x) + dims log(bin width) gives bits/dim of the discrete
+pixels, the quantity the VAE's IWAE bound estimates (genflax/tasks/vae.py).
+EDM starts at sigma_min (its D is singular at 0) and runs in log sigma.
+
 The state keeps an EMA of the parameters (`loss.ema_decay`, shared with the
 GAN: genflax.tasks.ema_update); evaluation and samples use it. FID and
 friends come from genflax/tasks/image_metrics.py, as the GAN's do.
@@ -31,6 +40,7 @@ friends come from genflax/tasks/image_metrics.py, as the GAN's do.
 import dataclasses
 import math
 
+import diffrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -196,6 +206,9 @@ def check(config) -> None:
   checks.integer(config, "eval.final_fid_samples", 0)
   checks.integer(config, "eval.feature_steps", 0)
   checks.sizes(config, "eval.final_fid_steps")
+  checks.boolean(config, "eval.final_nll")
+  checks.integer(config, "eval.nll_images", 0)
+  checks.number(config, "eval.nll_tolerance", above=0, below=1)
 
 
 def build(config, info) -> Setup:
@@ -328,6 +341,39 @@ def solve(f, noise, grid, rng, sampler: str, edm: bool, churn: float = 0.0):
   return jax.lax.fori_loop(0, steps, step, noise * grid[0] if edm else noise)
 
 
+def log_likelihood(kind: str, f, x, sample_cfg, rng, tolerance: float):
+  """log p(x) [B] in nats of the model whose probability-flow ODE is dx/dtau = f(x, tau),
+  at x [B, ...] on the data end (EDM: sigma = sample.sigma_min; flow: t = 1).
+
+  Integrates x and -d log p / dtau = div f (Hutchinson: eps^T (df/dx) eps, one Rademacher
+  eps per image held over the path) to the noise end, where the density is Gaussian:
+  N(0, sigma_max^2) for EDM, N(0, 1) for the flow. diffrax's Tsit5 with relative and
+  absolute tolerance `tolerance` picks the steps.
+  """
+  b, dims = x.shape[0], math.prod(x.shape[1:])
+  eps = jax.random.rademacher(rng, x.shape, dtype=x.dtype)
+  per_image = lambda v: jnp.sum(v.reshape(b, -1), -1)
+  if kind == "edm":  # in s = ln sigma, where EDM's path is smooth: dx/ds = sigma f
+    g, start, stop, prior_std = (lambda x, s: jnp.exp(s) * f(x, jnp.exp(s)),
+                                 math.log(sample_cfg.sigma_min), math.log(sample_cfg.sigma_max),
+                                 sample_cfg.sigma_max)
+  else:
+    g, start, stop, prior_std = f, 1.0, 0.0, 1.0
+
+  def term(tau, state, args):  # eps^T J through a VJP: the layers define only those
+    dx, pullback = jax.vjp(lambda x: g(x, tau), state[0])
+    return dx, per_image(pullback(eps)[0] * eps)
+
+  solution = diffrax.diffeqsolve(
+      diffrax.ODETerm(term), diffrax.Tsit5(), start, stop, None, (x, jnp.zeros(b)),
+      stepsize_controller=diffrax.PIDController(rtol=tolerance, atol=tolerance),
+      max_steps=4096)
+  noise, divergence = (v[-1] for v in solution.ys)
+  prior = (-0.5 * per_image(noise**2) / prior_std**2
+           - dims * (math.log(prior_std) + 0.5 * math.log(2 * math.pi)))
+  return prior + divergence
+
+
 def sample(setup: Setup, params, noise, y, rng, steps: int, guidance: float):
   """Images [B, H, W, C] in [-1, 1] from noise [B, H, W, C] with the config's sampler."""
   kind, s = setup.config.loss.kind, setup.config.sample
@@ -430,9 +476,37 @@ def reference(setup: Setup, test: dict, n: int) -> dict:
   return setup.cache[key]
 
 
+def bits_per_dim(setup: Setup, params, test: dict, rng) -> np.ndarray:
+  """Per test image [eval.nll_images or all]: -log P(levels) / (dims ln 2), an upper
+  bound through one uniform dequantisation and log_likelihood (Hutchinson), in
+  eval.batch_size chunks (the last padded; one compilation)."""
+  c, info = setup.config, setup.info
+  n = c.eval.nll_images or info.num_test
+  width = 2.0 / (info.num_levels - 1)  # a level's bin in x
+  dims = math.prod(info.image_shape)
+  if "nll" not in setup.cache:
+    def nll(params, images, labels, rng):
+      rng_u, rng_probe = jax.random.split(rng)
+      x = image_metrics.scale(images, info.num_levels)
+      x = x + (jax.random.uniform(rng_u, x.shape) - 0.5) * width
+      f = drift(setup, params, labels, 1.0)
+      log_p = log_likelihood(c.loss.kind, f, x, c.sample, rng_probe, c.eval.nll_tolerance)
+      return -(log_p + dims * math.log(width)) / (dims * math.log(2))
+    setup.cache["nll"] = jax.jit(nll)
+  chunk, outs = c.eval.batch_size, []
+  for start in range(0, n, chunk):
+    rows = np.arange(start, start + chunk) % n  # the last chunk wraps round; cut below
+    labels = test["label"][rows] if c.model.conditional else None
+    outs.append(setup.cache["nll"](params, test["image"][rows], labels,
+                                   jax.random.fold_in(rng, start)))
+  return np.concatenate(jax.device_get(outs)).astype(np.float64)[:n]
+
+
 def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
   """FID, KID, IS and precision/recall of EMA samples at sample.steps, with FID's floor;
-  at the final evaluation also FID at each of eval.final_fid_steps (`fid_steps<N>`)."""
+  at the final evaluation also FID at each of eval.final_fid_steps (`fid_steps<N>`) and,
+  with eval.final_nll, the test bits/dim through the ODE (`nll_bpd`, with the standard
+  error of its mean over images, `nll_bpd_sem`)."""
   c = setup.config
   n = (c.eval.final_fid_samples if final else c.eval.fid_samples) or setup.info.num_test
   ref = reference(setup, test, n)
@@ -441,6 +515,9 @@ def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
   for steps in (c.eval.final_fid_steps if final else ()):
     images = generate_images(setup, ema, n, rng, steps)
     values[f"fid_steps{steps}"] = image_metrics.fid(ref["features"](images)[0], ref["real"])
+  if final and c.eval.final_nll:
+    bpd = bits_per_dim(setup, ema, test, jax.random.fold_in(rng, 2))
+    values.update(nll_bpd=bpd.mean(), nll_bpd_sem=bpd.std() / math.sqrt(len(bpd)))
   return values
 
 
