@@ -6,7 +6,7 @@
     python -m genflax.sample --workdir runs/cdiff --steps 18 --guidance 2 --label 3 --num 64 \
         --out threes.png
 
-U-Net: widths 64 at 8x8 and 128 at 4x4, two residual blocks a level,
+U-Net: widths 32 at 8x8 and 64 at 4x4, two residual blocks a level,
 self-attention at 4x4 (genflax/tasks/diffusion.py). Sampling: Heun on EDM's
 schedule, 18 steps (35 network evaluations). Variants (comma-separated):
 `flow` (rectified flow, logit-normal t; Heun on 18 even steps),
@@ -26,7 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   variants = defaults.variants(arg, VARIANTS)
   c = defaults.base("diffusion", "digits", batch_size=128)
   c.model = ml_collections.ConfigDict(dict(
-      channels=(64, 128),          # U-Net widths per resolution, full size first
+      channels=(32, 64),           # U-Net widths per resolution, full size first
       blocks=2,                    # residual blocks per resolution
       attention=True,              # self-attention at the lowest resolution
       conditional="conditional" in variants,
@@ -49,17 +49,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       sigma_min=0.002, sigma_max=80.0, rho=7.0,  # edm: the noise schedule (EDM's values)
   ))
   c.optim = defaults.optim(lr=1e-3, schedule="cosine", warmup_steps=200)
-  c.train.update(num_steps=4000, log_every_steps=250, eval_every_steps=2000,
-                 ckpt_every_steps=1000)
+  c.train.update(num_steps=3000, log_every_steps=250, eval_every_steps=1500,
+                 ckpt_every_steps=500)
   c.eval.update(
       fid_samples=0,               # generated images per eval; 0 = the test split's size
       final_fid_samples=0,         # at the end of training; 0 = the test split's size
       final_fid_steps=(4, 8, 18, 50),  # also FID at these sampler steps at the end
       feature_steps=0,             # the feature network's steps; 0 = the default (image_metrics)
+      final_nll=True,              # test bits/dim through the probability-flow ODE at the end
+      nll_images=0,                # test images it averages over; 0 = the test split's size
+      nll_tolerance=1e-5,          # the ODE solver's relative and absolute tolerance
   )
   if "smoke" in variants:
     defaults.smoke(c)
     c.model.update(channels=(8, 16), blocks=1)
     c.sample.steps = 3
-    c.eval.update(fid_samples=64, final_fid_samples=120, final_fid_steps=(2,))
+    c.eval.update(fid_samples=64, final_fid_samples=120, final_fid_steps=(2,), nll_images=8,
+                  nll_tolerance=1e-3)
   return c
