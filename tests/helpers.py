@@ -1,4 +1,5 @@
 """What several test files share: loading configs and running the CLI."""
+import json
 import os
 import subprocess
 import sys
@@ -65,7 +66,6 @@ for i, argv in enumerate(commands):
 
 def cli_many(commands: list[list[str]], tmpdir, timeout: float = 600) -> list[subprocess.CompletedProcess]:
   """`python -m genflax.main ARGS` for each ARGS in commands, one after another (see above)."""
-  import json  # pylint: disable=g-import-not-at-top
   subprocess.run([sys.executable, "-c", _FORKING_CLI, str(tmpdir)], cwd=ROOT, check=True,
                  input=json.dumps(commands), text=True, timeout=timeout)
   read = lambda i, name: open(os.path.join(tmpdir, f"{i}.{name}")).read()
