@@ -27,8 +27,10 @@ import argparse
 import ast
 import functools
 import json
+import os
 import resource
 import statistics
+import sys
 import time
 
 import jax
@@ -37,7 +39,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from genflax import configfile, main as genflax_main, tasks, trainer
+from genflax import configfile, hostmem, main as genflax_main, tasks, trainer
 from genflax.models import conv, layers
 
 
@@ -264,6 +266,7 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
       "attention": config.model.get("attention", "-"), "dtype": str(dtype),
       "conv": (conv.conv_impl(config.model.conv)                     # the image families' convs
                if "conv" in config.get("model", {}) else "-"),
+      "host_malloc": hostmem.resolve(config.host_malloc, config.cpu_devices),
       "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
       "compile_s": compile_s,
       "step_ms_median": 1e3 * median, "step_ms_p10": 1e3 * percentile(step_times, 10),
@@ -321,6 +324,11 @@ def main():
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args()
   config = load_config(args.config, args.overrides)
+  if (hostmem.resolve(config.host_malloc, config.cpu_devices) == "keep"
+      and not hostmem.KEEP_ENV.items() <= os.environ.items()):
+    # As genflax.main sets malloc up; here jax is imported (its threads started), so afresh.
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.hot_loop", *sys.argv[1:]],
+              {**os.environ, **hostmem.KEEP_ENV})
   genflax_main.split_cpu(config.cpu_devices)  # as genflax.main, before the backend starts
   if args.coordinator_address:
     genflax_main.start_distributed(args.coordinator_address, args.num_processes, args.process_id)

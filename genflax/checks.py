@@ -9,7 +9,7 @@ The helpers below are what families check with.
 import math
 from collections.abc import Iterable
 
-from genflax import optim
+from genflax import hostmem, optim
 from genflax.data import catalogue
 from genflax.errors import ConfigError
 from genflax.models import layers
@@ -107,6 +107,7 @@ def config(c, task) -> None:
   integer(c, "mesh.dcn_data", 1)
   integer(c, "mesh.dcn_fsdp", 1)
   integer(c, "cpu_devices", -1)
+  one_of(c, "host_malloc", hostmem.CHOICES)
   one_of(c, "model.dtype", layers.DTYPES)        # every family's modules take both
   one_of(c, "model.param_dtype", layers.DTYPES)
   for rule in c.sharding_rules:

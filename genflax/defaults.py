@@ -73,6 +73,10 @@ def base(task: str, dataset: str, batch_size: int) -> ml_collections.ConfigDict:
   # batch runs data-parallel over the cores. 0 keeps XLA's default. An
   # XLA_FLAGS device count set in the environment wins.
   c.cpu_devices = 0
+  # keep: malloc keeps the memory a step frees for the next one instead of
+  # faulting it back in; system: malloc as it is; auto: keep on one CPU
+  # device (genflax/hostmem.py).
+  c.host_malloc = "auto"
   c.sharding_rules = ()          # (logical axis, mesh axis) pairs
   return c
 

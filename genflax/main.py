@@ -10,6 +10,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
+from genflax import hostmem
 from genflax.configfile import check_key, flat_keys, load_config
 from genflax.errors import CheckpointError, ConfigError, UserError
 from genflax.sweep import trial as sweep_trial
@@ -101,6 +102,7 @@ def main(argv: list[str]) -> int:
   try:
     config, workdir = parse(argv)
     split_cpu(config.cpu_devices)
+    hostmem.setup(config.host_malloc, config.cpu_devices)  # before jax starts any thread
     if _DISTRIBUTED.value or _COORDINATOR.value:
       start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from genflax import trainer  # Imported late: flag errors need not wait for jax.
