@@ -312,6 +312,17 @@ def load_config(config_file: str, overrides: list[str]):
   return config
 
 
+def set_up_host(config, module: str) -> None:
+  """The host as genflax.main sets it up for `config`, before the backend starts:
+  its CPU devices, and malloc (jax is imported here, its threads started, so
+  `python -m module` runs afresh with malloc's settings in the environment)."""
+  if (hostmem.resolve(config.host_malloc, config.cpu_devices) == "keep"
+      and not hostmem.KEEP_ENV.items() <= os.environ.items()):
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
+              {**os.environ, **hostmem.KEEP_ENV})
+  genflax_main.split_cpu(config.cpu_devices)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True, help="configs/X.py[:arg]")
@@ -324,12 +335,7 @@ def main():
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args()
   config = load_config(args.config, args.overrides)
-  if (hostmem.resolve(config.host_malloc, config.cpu_devices) == "keep"
-      and not hostmem.KEEP_ENV.items() <= os.environ.items()):
-    # As genflax.main sets malloc up; here jax is imported (its threads started), so afresh.
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.hot_loop", *sys.argv[1:]],
-              {**os.environ, **hostmem.KEEP_ENV})
-  genflax_main.split_cpu(config.cpu_devices)  # as genflax.main, before the backend starts
+  set_up_host(config, "benchmarks.hot_loop")
   if args.coordinator_address:
     genflax_main.start_distributed(args.coordinator_address, args.num_processes, args.process_id)
   results = {"command_config": args.config, **run(config, args.steps, args.warmup)}

@@ -115,6 +115,7 @@ def main():
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args()
   config = hot_loop.load_config(args.config, args.overrides)
+  hot_loop.set_up_host(config, "benchmarks.profile_ops")
   print(report(profile(config, args.steps), args.top))
 
 

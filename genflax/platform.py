@@ -52,20 +52,28 @@ def attention(backend: str) -> str:
   return "einsum" if backend == "cpu" else "dot_product_attention"
 
 
-def conv(backend: str) -> str:
-  """model.conv=auto (genflax/models/conv.py)."""
-  return "matmul" if backend == "cpu" else "xla"
+# On CPU, images at least this large (height and width) take model.conv=forward:
+# at 28x28 its steps are faster than matmul's (DCGAN 1.06x, conv VAE 1.26x),
+# at 8x8 slower (DCGAN 2.1x, cGAN 1.3x): benchmarks/README.md.
+FORWARD_CONV_MIN_SIZE = 16
+
+
+def conv(backend: str, image_hw: tuple[int, int] = (0, 0)) -> str:
+  """model.conv=auto (genflax/models/conv.py) for images of image_hw (H, W)."""
+  if backend != "cpu":
+    return "xla"
+  return "forward" if min(image_hw) >= FORWARD_CONV_MIN_SIZE else "matmul"
 
 
 def choices(config, backend: str, mesh_shape: dict, num_params: int,
-            allowed_allreduces=optim.GRAD_ALLREDUCES) -> dict:
+            allowed_allreduces=optim.GRAD_ALLREDUCES, image_hw=(0, 0)) -> dict:
   """{key: value} for each `auto` key of `config` on this machine."""
   rules = {
       "train.grad_allreduce": lambda: grad_allreduce(backend, mesh_shape, num_params,
                                                      allowed_allreduces),
       "model.dense_grads": lambda: dense_grads(backend),
       "model.attention": lambda: attention(backend),
-      "model.conv": lambda: conv(backend),
+      "model.conv": lambda: conv(backend, image_hw),
   }
   out = {}
   for key, rule in rules.items():

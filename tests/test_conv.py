@@ -1,6 +1,8 @@
 """genflax/models/conv.py: every formulation of Conv and ConvTranspose equals
 Flax's nn.Conv / nn.ConvTranspose (outputs and gradients, same parameters),
 and the families' train steps with model.conv=matmul equal XLA's convolution."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ from genflax import tasks, trainer
 from genflax.models import conv
 from tests import helpers
 
-IMPLS = ("xla", "matmul")
+IMPLS = ("xla", "matmul", "forward")
 # (input H, W, kernel, strides, padding, channels in, out): the families' layers
 # (4x4 and 3x3 stride 2, 3x3 stride 1) and the edges: VALID, odd sizes, a kernel
 # smaller than its stride, unequal strides.
@@ -43,19 +45,43 @@ def test_every_formulation_equals_flax(flax_cls, ours, h, w, k, strides, padding
 
 
 @pytest.mark.parametrize("name, arg", [("dcgan_digits", "smoke"), ("vae_digits", "smoke,conv")])
-def test_train_step_with_matmul_convs_equals_xla_convs(tmp_path, name, arg):
+def test_train_step_with_matmul_or_forward_convs_equals_xla_convs(tmp_path, name, arg):
   results = {}
-  for impl in ("xla", "matmul"):
+  for impl in IMPLS:
     config = helpers.config(name, arg, **{"mesh.data": 1, "model.conv": impl})
     run = trainer.build(config, str(tmp_path / impl))
     state = jax.jit(run.init, out_shardings=run.state_sh)(*tasks.run_keys(0))
     hlo = run.train_step.lower(state, run.feed.inputs(0)).compile().as_text()
-    assert ("convolution(" in hlo) == (impl == "xla")  # matmul: no convolution left
+    convs = re.findall(r"convolution\(.*", hlo)
+    if impl == "matmul":  # no convolution left
+      assert not convs
+    elif impl == "forward":  # only forward ones: no dilated input, no kernel-gradient layout
+      assert convs and all("lhs_dilate" not in c and "dim_labels=b01f_01io->b01f" in c
+                           for c in convs), convs
+    else:
+      assert any("lhs_dilate" in c or "dim_labels=b01f_01io->b01f" not in c for c in convs)
     for step in range(2):
       state, metrics = run.train_step(state, run.feed.inputs(step))
     results[impl] = jax.device_get((state["task"]["params"], metrics))
-  (params_x, metrics_x), (params_m, metrics_m) = results["xla"], results["matmul"]
-  for key, value in metrics_x.items():
-    np.testing.assert_allclose(metrics_m[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
-  for got, want in zip(jax.tree.leaves(params_m), jax.tree.leaves(params_x)):
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+  params_x, metrics_x = results["xla"]
+  for impl in ("matmul", "forward"):
+    params_m, metrics_m = results[impl]
+    for key, value in metrics_x.items():
+      np.testing.assert_allclose(metrics_m[key], value, rtol=1e-4, atol=1e-5, err_msg=f"{impl} {key}")
+    for got, want in zip(jax.tree.leaves(params_m), jax.tree.leaves(params_x)):
+      np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5, err_msg=impl)
+
+
+@pytest.mark.parametrize("ours", [conv.Conv, conv.ConvTranspose])
+def test_gradients_of_input_gradients_equal_xlas(ours):
+  """R1 and WGAN-GP differentiate D's input gradient w.r.t. D's parameters."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 7, 3)), jnp.float32)
+  module = lambda impl: ours(4, (4, 4), 2, "SAME", impl=impl)
+  params = module("xla").init(jax.random.key(0), x)
+  def penalty(impl):
+    input_grad = jax.grad(lambda p, x: jnp.sum(jnp.sin(module(impl).apply(p, x))), 1)
+    return jax.jit(jax.grad(lambda p: jnp.sum(input_grad(p, x) ** 2)))(params)
+  want = penalty("xla")
+  for impl in ("matmul", "forward"):
+    for got, ref in zip(jax.tree.leaves(penalty(impl)), jax.tree.leaves(want)):
+      np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=impl)

@@ -55,6 +55,9 @@ def test_auto_values_of_the_lm_config_on_each_backend():
   assert platform.choices(gan, "cpu", dict(data=2), NANO, ("per_param",)) == {
       "train.grad_allreduce": "per_param", "model.conv": "matmul"}
   assert platform.choices(gan, "gpu", dict(data=2), NANO, ("per_param",))["model.conv"] == "xla"
+  for image_hw, impl in (((8, 8), "matmul"), ((28, 28), "forward"), ((28, 8), "matmul")):
+    assert platform.choices(gan, "cpu", dict(data=1), NANO, ("per_param",),
+                            image_hw)["model.conv"] == impl, image_hw
   resolved = platform.resolve(config, cpu)
   assert (resolved.train.grad_allreduce, resolved.model.attention) == ("reduce_scatter", "einsum")
   assert config.train.grad_allreduce == "auto"  # the config itself is left alone

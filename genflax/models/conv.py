@@ -1,4 +1,4 @@
-"""2-D convolutions as XLA's convolution or as patches times one matmul.
+"""2-D convolutions as XLA's convolution, as forward convolutions only, or as patches times one matmul.
 
 `Conv` and `ConvTranspose` hold the parameters of Flax's `nn.Conv` and
 `nn.ConvTranspose` under the same names (a checkpoint moves between them and
@@ -6,6 +6,12 @@ between `impl`s) and compute the same maths (NHWC, "SAME" or "VALID"
 padding, no kernel flip, as Flax's defaults). `impl` picks how:
 
 - `xla`: `lax.conv_general_dilated`, which GPUs and TPUs run natively;
+- `forward`: XLA's convolution forward, which XLA:CPU runs on YNNPACK,
+  with its gradients written as forward convolutions too (the input
+  gradient: the flipped kernel over the output gradient, one stride-1
+  convolution per phase where strided) and, for the kernel gradient, one
+  matmul per tap (`forward_conv`); a transposed convolution as stride-1
+  forward convolutions, one per output phase, as below;
 - `matmul`: the patches of the input gathered by slicing (im2col) and
   contracted with the kernel in one matmul; a transposed convolution of
   stride s as s x s stride-1 convolutions, one per output phase, whose
@@ -15,9 +21,11 @@ padding, no kernel flip, as Flax's defaults). `impl` picks how:
   fast path of XLA:CPU; its own convolution's gradients run on a generic
   kernel that is many times slower (benchmarks/README.md).
 
-`model.conv=auto` takes `matmul` on CPU and `xla` elsewhere
-(genflax/platform.py).
+`model.conv=auto` takes `xla` on GPUs and TPUs; on CPU `forward` for images
+of 16x16 and up and `matmul` below (genflax/platform.py; measured in
+benchmarks/README.md).
 """
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -29,16 +37,17 @@ from genflax import platform
 from genflax.errors import ConfigError
 from genflax.models import layers
 
-CONVS = ("auto", "xla", "matmul")
+CONVS = ("auto", "xla", "matmul", "forward")
 PADDINGS = ("SAME", "VALID")
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def conv_impl(kind: str) -> str:
-  """"xla" or "matmul" for config.model.conv, one of CONVS ("auto": matmul on CPU)."""
+def conv_impl(kind: str, image_hw: tuple[int, int] = (0, 0)) -> str:
+  """The impl for config.model.conv, one of CONVS, on images of image_hw (H, W)
+  ("auto": genflax/platform.py's choice for this backend and size)."""
   if kind not in CONVS:
     raise ConfigError(f"model.conv={kind!r}: expected one of {CONVS}")
-  return platform.conv(jax.default_backend()) if kind == "auto" else kind
+  return platform.conv(jax.default_backend(), tuple(image_hw)) if kind == "auto" else kind
 
 
 def _pairs(value) -> tuple[int, int]:
@@ -50,21 +59,72 @@ def _check(padding: str) -> None:
     raise ValueError(f"padding={padding!r}: genflax's convolutions take one of {PADDINGS}")
 
 
+def _taps(xp, kh: int, kw: int, strides, out_hw):
+  """The kh * kw strided slices of a padded input xp [B, Hp, Wp, C] that tap
+  (i, j) of a VALID convolution reads, each [B, Ho, Wo, C], in tap order."""
+  b, _, _, c = xp.shape
+  (sh, sw), (ho, wo) = strides, out_hw
+  return [lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                    (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
+def _pad(x, pads):
+  """x [B, H, W, C] padded (negative: cropped) by pads ((top, bottom), (left, right))."""
+  (ph0, ph1), (pw0, pw1) = pads
+  return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
+
+
+def _out_hw(hp: int, wp: int, kernel_hw, strides) -> tuple[int, int]:
+  """Output size of a VALID convolution of a [hp, wp] input."""
+  return tuple((n - k) // s + 1 for n, k, s in zip((hp, wp), kernel_hw, strides))
+
+
 def patches_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, int]]):
   """lax.conv_general_dilated(x, kernel, strides, pads) for x [B, H, W, C] and
   kernel [kh, kw, C, O], as im2col: the kh * kw strided slices of the padded
   input side by side [B * Ho * Wo, kh * kw * C] times kernel [kh * kw * C, O]."""
-  b, h, w, c = x.shape
-  kh, kw, _, o = kernel.shape
-  (sh, sw), ((ph0, ph1), (pw0, pw1)) = strides, pads
-  ho, wo = (h + ph0 + ph1 - kh) // sh + 1, (w + pw0 + pw1 - kw) // sw + 1
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
-  taps = [lax.slice(xp, (0, i, j, 0), (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                    (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
+  b, kh, kw, c, o = x.shape[0], *kernel.shape
+  xp = _pad(x, pads)
+  ho, wo = _out_hw(*xp.shape[1:3], (kh, kw), strides)
+  taps = _taps(xp, kh, kw, strides, (ho, wo))
   cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, -1)  # [B, Ho, Wo, kh kw C]
   out = layers.row_major_matmul(cols.reshape(-1, kh * kw * c), kernel.reshape(-1, o))
   return out.reshape(b, ho, wo, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def forward_conv(x, kernel, strides: tuple[int, int], pads: tuple[tuple[int, int], ...]):
+  """lax.conv_general_dilated(x, kernel, strides, pads) whose gradients are
+  forward convolutions and matmuls: the input gradient is the kernel, flipped
+  and with its channels swapped, over the output gradient (for strides > 1,
+  one stride-1 convolution per phase: `lhs_dilated`); the kernel gradient,
+  tap by tap, dy^T [O, B Ho Wo] times that tap's slice of x [B Ho Wo, C]."""
+  return lax.conv_general_dilated(_pad(x, pads), kernel, strides, "VALID", dimension_numbers=_DN)
+
+
+def _forward_conv_fwd(x, kernel, strides, pads):
+  return forward_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _forward_conv_bwd(strides, pads, residuals, dy):
+  x, kernel = residuals
+  kh, kw, c, o = kernel.shape
+  xp = _pad(x, pads)
+  (hp, wp), (ho, wo) = xp.shape[1:3], dy.shape[1:3]
+  # Every output reads taps at stride s of xp: scatter dy back through the flipped kernel.
+  back = [(k - 1, n - (m - 1) * s - 1) for n, m, k, s in ((hp, ho, kh, strides[0]),
+                                                             (wp, wo, kw, strides[1]))]
+  flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # [kh, kw, O, C]
+  dxp = lhs_dilated(dy, flipped, strides, back,
+                    lambda v, k, p: forward_conv(v, k, (1, 1), p))[:, :hp, :wp]
+  dx = _pad(dxp, [(-lo, -hi) for lo, hi in pads])  # undo the padding (or cropping) of x
+  dyt = lax.optimization_barrier(dy.reshape(-1, o).T)  # [O, B Ho Wo], once for every tap
+  dw = jnp.stack([dyt @ tap.reshape(-1, c) for tap in _taps(xp, kh, kw, strides, (ho, wo))])
+  return dx, dw.reshape(kh, kw, o, c).transpose(0, 1, 3, 2).astype(kernel.dtype)
+
+
+forward_conv.defvjp(_forward_conv_fwd, _forward_conv_bwd)
 
 
 def conv(x, kernel, strides, padding: str, impl: str):
@@ -74,6 +134,8 @@ def conv(x, kernel, strides, padding: str, impl: str):
   pads = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
   if impl == "xla":
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
+  if impl == "forward":
+    return forward_conv(x, kernel, strides, tuple(map(tuple, pads)))
   return patches_matmul(x, kernel, strides, pads)
 
 
@@ -99,18 +161,13 @@ def _phase(n: int, k: int, s: int, pads: tuple[int, int], a: int, length: int):
   return t0, taps, (-offset, length + taps - 1 + offset - n)
 
 
-def conv_transpose(x, kernel, strides, padding: str, impl: str):
-  """Flax nn.ConvTranspose's convolution (x [B, H, W, C], kernel [kh, kw, C, O],
-  no kernel flip): the matmul impl runs one stride-1 convolution per output
-  phase and interleaves them."""
-  _check(padding)
-  strides = _pairs(strides)
-  if impl == "xla":
-    return lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
+def lhs_dilated(x, kernel, strides, pads, conv1):
+  """lax.conv_general_dilated(x, kernel, 1, pads, lhs_dilation=strides) as
+  s x s stride-1 convolutions conv1(x, sub-kernel, pads), one per output phase,
+  interleaved: no multiply-add touches the zeros of the dilated input."""
   b, h, w, _ = x.shape
   kh, kw, _, o = kernel.shape
   sh, sw = strides
-  pads = [_transpose_pads(k, s, padding) for k, s in ((kh, sh), (kw, sw))]
   out_h, out_w = [(n - 1) * s + 1 + sum(p) - k + 1
                   for n, k, s, p in ((h, kh, sh, pads[0]), (w, kw, sw, pads[1]))]
   ph, pw = -(-out_h // sh), -(-out_w // sw)  # outputs per phase (the last ones cropped)
@@ -124,10 +181,24 @@ def conv_transpose(x, kernel, strides, padding: str, impl: str):
         row.append(jnp.zeros((b, ph, pw, o), x.dtype))
         continue
       sub = kernel[t0h::sh, t0w::sw][:nh, :nw]
-      row.append(patches_matmul(x, sub, (1, 1), (padh, padw)))  # [B, ph, pw, O]
+      row.append(conv1(x, sub, (padh, padw)))                    # [B, ph, pw, O]
     rows.append(jnp.stack(row, 3))                               # [B, ph, pw, sw, O]
   y = jnp.stack(rows, 2)                                         # [B, ph, sh, pw, sw, O]
   return y.reshape(b, ph * sh, pw * sw, o)[:, :out_h, :out_w]
+
+
+def conv_transpose(x, kernel, strides, padding: str, impl: str):
+  """Flax nn.ConvTranspose's convolution (x [B, H, W, C], kernel [kh, kw, C, O],
+  no kernel flip): the matmul and forward impls run one stride-1 convolution
+  per output phase and interleave them."""
+  _check(padding)
+  strides = _pairs(strides)
+  if impl == "xla":
+    return lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
+  pads = tuple(_transpose_pads(k, s, padding) for k, s in zip(kernel.shape[:2], strides))
+  if impl == "forward":
+    return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: forward_conv(v, k, (1, 1), p))
+  return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: patches_matmul(v, k, (1, 1), p))
 
 
 class Conv(nn.Module):

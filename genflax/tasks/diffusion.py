@@ -221,7 +221,7 @@ def build(config, info) -> Setup:
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   net = UNet(tuple(m.channels), m.blocks, m.attention, info.num_classes if m.conditional else 0,
-             conv.conv_impl(m.get("conv", "auto")), *layers.dtypes(m))
+             conv.conv_impl(m.get("conv", "auto"), info.image_shape[:2]), *layers.dtypes(m))
   return Setup(config, info, net, optim.build(config.optim, config.train.num_steps),
                optim.schedule(config.optim, config.train.num_steps),
                sharding.make_mesh(config.mesh))

@@ -178,7 +178,7 @@ def build(config, info) -> Setup:
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   classes = info.num_classes if m.conditional else 0
-  dtypes, impl = layers.dtypes(m), conv.conv_impl(m.get("conv", "auto"))
+  dtypes, impl = layers.dtypes(m), conv.conv_impl(m.get("conv", "auto"), info.image_shape[:2])
   g = Generator(m.arch, tuple(m.g_hidden), tuple(m.g_channels), info.image_shape, classes,
                 *dtypes, conv=impl)
   d = Discriminator(m.arch, tuple(m.d_hidden), tuple(m.d_channels), classes,

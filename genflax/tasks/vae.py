@@ -165,7 +165,7 @@ def build(config, info) -> Setup:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   outputs = 2 if m.likelihood == "discretized_gaussian" else 1
   grads, dtypes = layers.dense_grads(m.dense_grads), layers.dtypes(m)
-  impl = conv.conv_impl(m.get("conv", "auto"))
+  impl = conv.conv_impl(m.get("conv", "auto"), info.image_shape[:2])
   model = VAE(Encoder(m.arch, tuple(m.hidden), tuple(m.channels), m.latent_dim, grads, *dtypes,
                       conv=impl),
               Decoder(m.arch, tuple(m.hidden), tuple(m.channels), info.image_shape, outputs,
