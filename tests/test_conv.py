@@ -16,11 +16,13 @@ from tests import helpers
 IMPLS = ("xla", "matmul", "forward")
 # (input H, W, kernel, strides, padding, channels in, out): the families' layers
 # (4x4 and 3x3 stride 2, 3x3 stride 1) and the edges: VALID, odd sizes, a kernel
-# smaller than its stride, unequal strides.
+# smaller than its stride, unequal strides; fewer output than input
+# channels.
 SHAPES = [
     (8, 8, 4, 2, "SAME", 1, 8), (7, 9, 4, 2, "SAME", 3, 5), (14, 14, 3, 2, "SAME", 2, 4),
     (7, 8, 3, 2, "SAME", 4, 2), (9, 10, 3, 1, "SAME", 2, 3), (8, 9, 4, 2, "VALID", 2, 3),
     (7, 7, 3, 2, "VALID", 2, 3), (5, 6, 2, 3, "SAME", 2, 2), (6, 7, 3, (2, 1), "SAME", 2, 3),
+    (9, 10, 3, 1, "SAME", 5, 2), (8, 9, 3, 2, "SAME", 9, 2), (7, 8, 4, 2, "VALID", 9, 2),
 ]
 
 
