@@ -123,3 +123,16 @@ def test_allreduce_benchmark_times_each_buffer_count(capsys, monkeypatch):
   rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
   assert [int(r[0]) for r in rows] == [1, 8, 50]
   assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_conv_layers_times_every_form_and_marks_the_pick():
+  result = helpers.cli("--layers", "vae8,dcgan8", "--repeats", "1", module="benchmarks.conv_layers")
+  assert result.returncode == 0, result.stderr
+  rows = [line for line in result.stdout.splitlines() if line.startswith("| vae8") or
+          line.startswith("| dcgan8")]
+  assert len(rows) == 2, result.stdout
+  for row in rows:  # both layers have one output channel or two: scatter is the pick
+    patches, scatter, forward = [cell.strip() for cell in row.split("|")[2:5]]
+    assert scatter.endswith("*") and "*" not in patches + forward, row
+    assert all(float(v) > 0 for cell in (patches, scatter, forward)
+               for v in cell.rstrip(" *").split(" / ")), row

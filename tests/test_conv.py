@@ -1,6 +1,7 @@
 """genflax/models/conv.py: every formulation of Conv and ConvTranspose equals
 Flax's nn.Conv / nn.ConvTranspose (outputs and gradients, same parameters),
-and the families' train steps with model.conv=matmul equal XLA's convolution."""
+each layer takes the form the rule says, and the families' train steps with
+model.conv=matmul or forward equal XLA's convolution."""
 import re
 
 import flax.linen as nn
@@ -17,12 +18,13 @@ IMPLS = ("xla", "matmul", "forward")
 # (input H, W, kernel, strides, padding, channels in, out): the families' layers
 # (4x4 and 3x3 stride 2, 3x3 stride 1) and the edges: VALID, odd sizes, a kernel
 # smaller than its stride, unequal strides; fewer output than input
-# channels.
+# channels; one layer wide on both sides (more than conv.NARROW channels).
 SHAPES = [
     (8, 8, 4, 2, "SAME", 1, 8), (7, 9, 4, 2, "SAME", 3, 5), (14, 14, 3, 2, "SAME", 2, 4),
     (7, 8, 3, 2, "SAME", 4, 2), (9, 10, 3, 1, "SAME", 2, 3), (8, 9, 4, 2, "VALID", 2, 3),
     (7, 7, 3, 2, "VALID", 2, 3), (5, 6, 2, 3, "SAME", 2, 2), (6, 7, 3, (2, 1), "SAME", 2, 3),
     (9, 10, 3, 1, "SAME", 5, 2), (8, 9, 3, 2, "SAME", 9, 2), (7, 8, 4, 2, "VALID", 9, 2),
+    (6, 7, 3, 2, "SAME", 9, 10),
 ]
 
 
@@ -46,11 +48,55 @@ def test_every_formulation_equals_flax(flax_cls, ours, h, w, k, strides, padding
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("h, w, k, strides, padding, c_in, c_out", SHAPES)
+def test_every_form_equals_xlas_convolution(transpose, h, w, k, strides, padding, c_in, c_out):
+  """Each form on every layer shape, whichever form the rule would pick there."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, h, w, c_in)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, c_in, c_out)) / k, jnp.float32)
+  strides = conv._pairs(strides)
+  if transpose:
+    op = lambda form: lambda x, w: conv.conv_transpose_as(form, x, w, strides, padding)
+  else:
+    pads = tuple(map(tuple, jax.lax.padtype_to_pads((h, w), (k, k), strides, padding)))
+    op = lambda form: lambda x, w: conv.conv_as(form, x, w, strides, pads)
+  grads = lambda form: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(op(form)(x, w))), (0, 1)))
+  want_y, want_g = jax.jit(op("xla"))(x, kernel), grads("xla")(x, kernel)
+  for form in conv.FORMS[1:]:
+    y = jax.jit(op(form))(x, kernel)
+    assert y.shape == want_y.shape, form
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5, err_msg=form)
+    for got, want in zip(grads(form)(x, kernel), want_g):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=form)
+
+
+def test_narrow_layers_gather_or_scatter_and_wide_ones_run_as_the_impl_says():
+  # (impl, channels in, out, input pixels, output pixels) -> form
+  cases = {
+      ("forward", 1, 64, 784, 196): "patches",   # a GAN's D on grey images: the input is narrow
+      ("forward", 32, 2, 784, 784): "scatter",   # a VAE's last conv: mean, scale per pixel
+      ("forward", 64, 1, 196, 784): "scatter",   # DCGAN's G, 14x14 -> 28x28: one channel out
+      ("matmul", 3, 3, 64, 16): "patches",       # both narrow: the fewer floats (16 x 3)
+      ("matmul", 8, 8, 16, 64): "scatter",       # ... (16 x 8 against 64 x 8)
+      ("forward", 64, 32, 196, 784): "forward",  # wide: as the impl says
+      ("matmul", 64, 32, 196, 784): "patches",
+      ("xla", 1, 2, 784, 784): "xla",            # xla: every layer
+  }
+  assert {key: conv.form(*key) for key in cases} == cases
+  assert conv.form("forward", conv.NARROW + 1, conv.NARROW + 1, 64, 64) == "forward"
+
+
+# Channels that give every form a layer: narrow in (patches), narrow out (scatter), wide.
+WIDE = {"dcgan_digits": {"model.g_channels": (16, 12), "model.d_channels": (12, 16)},
+        "vae_digits": {"model.channels": (12, 12)}}
+
+
 @pytest.mark.parametrize("name, arg", [("dcgan_digits", "smoke"), ("vae_digits", "smoke,conv")])
 def test_train_step_with_matmul_or_forward_convs_equals_xla_convs(tmp_path, name, arg):
   results = {}
   for impl in IMPLS:
-    config = helpers.config(name, arg, **{"mesh.data": 1, "model.conv": impl})
+    config = helpers.config(name, arg, **{"mesh.data": 1, "model.conv": impl, **WIDE[name]})
     run = trainer.build(config, str(tmp_path / impl))
     state = jax.jit(run.init, out_shardings=run.state_sh)(*tasks.run_keys(0))
     hlo = run.train_step.lower(state, run.feed.inputs(0)).compile().as_text()
@@ -74,16 +120,19 @@ def test_train_step_with_matmul_or_forward_convs_equals_xla_convs(tmp_path, name
       np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5, err_msg=impl)
 
 
-@pytest.mark.parametrize("ours", [conv.Conv, conv.ConvTranspose])
-def test_gradients_of_input_gradients_equal_xlas(ours):
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gradients_of_input_gradients_equal_xlas(transpose):
   """R1 and WGAN-GP differentiate D's input gradient w.r.t. D's parameters."""
-  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 7, 3)), jnp.float32)
-  module = lambda impl: ours(4, (4, 4), 2, "SAME", impl=impl)
-  params = module("xla").init(jax.random.key(0), x)
-  def penalty(impl):
-    input_grad = jax.grad(lambda p, x: jnp.sum(jnp.sin(module(impl).apply(p, x))), 1)
-    return jax.jit(jax.grad(lambda p: jnp.sum(input_grad(p, x) ** 2)))(params)
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 8, 7, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(4, 4, 3, 4)) / 4, jnp.float32)
+  if transpose:
+    op = lambda form: lambda x, w: conv.conv_transpose_as(form, x, w, (2, 2), "SAME")
+  else:
+    op = lambda form: lambda x, w: conv.conv_as(form, x, w, (2, 2), ((1, 2), (1, 1)))
+  def penalty(form):
+    input_grad = jax.grad(lambda w, x: jnp.sum(jnp.sin(op(form)(x, w))), 1)
+    return jax.jit(jax.grad(lambda w: jnp.sum(input_grad(w, x) ** 2)))(kernel)
   want = penalty("xla")
-  for impl in ("matmul", "forward"):
-    for got, ref in zip(jax.tree.leaves(penalty(impl)), jax.tree.leaves(want)):
-      np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4, err_msg=impl)
+  for form in conv.FORMS[1:]:
+    np.testing.assert_allclose(penalty(form), want, rtol=1e-4, atol=1e-4, err_msg=form)

@@ -1,4 +1,4 @@
-"""2-D convolutions as XLA's convolution, as forward convolutions only, or as patches times one matmul.
+"""2-D convolutions as XLA's convolution, as forward convolutions only, or as matmuls.
 
 `Conv` and `ConvTranspose` hold the parameters of Flax's `nn.Conv` and
 `nn.ConvTranspose` under the same names (a checkpoint moves between them and
@@ -21,6 +21,15 @@ padding, no kernel flip, as Flax's defaults). `impl` picks how:
   fast path of XLA:CPU; its own convolution's gradients run on a generic
   kernel that is many times slower (benchmarks/README.md).
 
+Under `matmul` and `forward`, a layer with at most NARROW channels on one
+side (an image's first and last layers: its channels in, or its pixels'
+parameters out) moves only the narrow side's taps: the input's patches
+times the kernel (`patches_matmul`), or the input times the kernel
+[C, kh kw O] with each tap's O channels then added where that tap sends them
+(`scatter_matmul`), whichever moves fewer floats (`form`). Forward and
+backward then pass over the wide side's memory a few times, where XLA's
+convolution and the per-tap kernel gradient pass kh * kw times.
+
 `model.conv=auto` takes `xla` on GPUs and TPUs; on CPU `forward` for images
 of 16x16 and up and `matmul` below (genflax/platform.py; measured in
 benchmarks/README.md).
@@ -38,7 +47,9 @@ from genflax.errors import ConfigError
 from genflax.models import layers
 
 CONVS = ("auto", "xla", "matmul", "forward")
+FORMS = ("xla", "patches", "scatter", "forward")  # how one layer runs (`form`)
 PADDINGS = ("SAME", "VALID")
+NARROW = 8  # channels: a side with at most this many is gathered or scattered (`form`)
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -48,6 +59,18 @@ def conv_impl(kind: str, image_hw: tuple[int, int] = (0, 0)) -> str:
   if kind not in CONVS:
     raise ConfigError(f"model.conv={kind!r}: expected one of {CONVS}")
   return platform.conv(jax.default_backend(), tuple(image_hw)) if kind == "auto" else kind
+
+
+def form(impl: str, c: int, o: int, in_pixels: int, out_pixels: int) -> str:
+  """How `impl` runs one layer of c input and o output channels (one of
+  FORMS): a layer narrow on one side (min(c, o) <= NARROW) gathers its input's
+  patches or scatters its output's taps, whichever moves fewer floats
+  (out_pixels * c against in_pixels * o); a wide one runs as impl says."""
+  if impl == "xla":
+    return "xla"
+  if min(c, o) <= NARROW:
+    return "patches" if out_pixels * c <= in_pixels * o else "scatter"
+  return "forward" if impl == "forward" else "patches"
 
 
 def _pairs(value) -> tuple[int, int]:
@@ -93,6 +116,35 @@ def patches_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, 
   return out.reshape(b, ho, wo, o)
 
 
+def scatter_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, int]],
+                   dilation: Sequence[int] = (1, 1)):
+  """lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=dilation)
+  for x [B, H, W, C] and kernel [kh, kw, C, O], from the output side: z = x
+  [B H W, C] times the kernel [C, kh kw O]; tap (i, j)'s O channels of z go
+  where that tap sends each input (padded, dilated and shifted by (i, j)) and
+  add up; the sum is read at the strides. Its gradients gather the output
+  gradient's taps, so all of its memory traffic is O channels wide but for
+  one pass over x."""
+  b, h, w, c = x.shape
+  kh, kw, _, o = kernel.shape
+  (sh, sw), (dh, dw) = strides, dilation
+  hd, wd = (h - 1) * dh + 1, (w - 1) * dw + 1  # the dilated input's size
+  (ph0, ph1), (pw0, pw1) = pads
+  ho, wo = _out_hw(hd + ph0 + ph1, wd + pw0 + pw1, (kh, kw), strides)
+  lh, lw = sh * (ho - 1) + 1, sw * (wo - 1) + 1  # the outputs' span before striding
+  z = layers.row_major_matmul(x.reshape(-1, c), kernel.transpose(2, 0, 1, 3).reshape(c, -1))
+  # One split (not kh kw slices): its gradient is one concatenate, not kh kw padded adds.
+  taps = jnp.split(z.reshape(b, h, w, kh * kw, o), kh * kw, axis=3)
+  y = 0
+  for i in range(kh):
+    for j in range(kw):
+      low_h, low_w = ph0 - i, pw0 - j  # where input (0, 0) lands for this tap
+      y = y + lax.pad(taps[i * kw + j].reshape(b, h, w, o), jnp.zeros((), z.dtype),
+                      ((0, 0, 0), (low_h, lh - low_h - hd, dh - 1),
+                       (low_w, lw - low_w - wd, dw - 1), (0, 0, 0)))
+  return y[:, ::sh, ::sw]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def forward_conv(x, kernel, strides: tuple[int, int], pads: tuple[tuple[int, int], ...]):
   """lax.conv_general_dilated(x, kernel, strides, pads) whose gradients are
@@ -128,14 +180,24 @@ forward_conv.defvjp(_forward_conv_fwd, _forward_conv_bwd)
 
 
 def conv(x, kernel, strides, padding: str, impl: str):
-  """Flax nn.Conv's convolution (x [B, H, W, C], kernel [kh, kw, C, O])."""
+  """Flax nn.Conv's convolution (x [B, H, W, C], kernel [kh, kw, C, O]), each
+  layer in the form `form` picks for impl."""
   _check(padding)
   strides = _pairs(strides)
-  pads = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-  if impl == "xla":
+  pads = tuple(map(tuple, lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)))
+  (h, w), (c, o) = x.shape[1:3], kernel.shape[2:]
+  ho, wo = _out_hw(h + sum(pads[0]), w + sum(pads[1]), kernel.shape[:2], strides)
+  return conv_as(form(impl, c, o, h * w, ho * wo), x, kernel, strides, pads)
+
+
+def conv_as(form_: str, x, kernel, strides: tuple[int, int], pads: tuple[tuple[int, int], ...]):
+  """lax.conv_general_dilated(x, kernel, strides, pads) in form_, one of FORMS."""
+  if form_ == "xla":
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
-  if impl == "forward":
-    return forward_conv(x, kernel, strides, tuple(map(tuple, pads)))
+  if form_ == "forward":
+    return forward_conv(x, kernel, strides, pads)
+  if form_ == "scatter":
+    return scatter_matmul(x, kernel, strides, pads)
   return patches_matmul(x, kernel, strides, pads)
 
 
@@ -189,16 +251,25 @@ def lhs_dilated(x, kernel, strides, pads, conv1):
 
 def conv_transpose(x, kernel, strides, padding: str, impl: str):
   """Flax nn.ConvTranspose's convolution (x [B, H, W, C], kernel [kh, kw, C, O],
-  no kernel flip): the matmul and forward impls run one stride-1 convolution
-  per output phase and interleave them."""
+  no kernel flip), each layer in the form `form` picks for impl."""
   _check(padding)
   strides = _pairs(strides)
-  if impl == "xla":
+  (h, w), (c, o) = x.shape[1:3], kernel.shape[2:]
+  return conv_transpose_as(form(impl, c, o, h * w, h * w * strides[0] * strides[1]),
+                           x, kernel, strides, padding)
+
+
+def conv_transpose_as(form_: str, x, kernel, strides: tuple[int, int], padding: str):
+  """lax.conv_transpose(x, kernel, strides, padding) in form_, one of FORMS:
+  patches and forward run one stride-1 convolution per output phase and
+  interleave them; scatter places each input's taps at its strides."""
+  if form_ == "xla":
     return lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
   pads = tuple(_transpose_pads(k, s, padding) for k, s in zip(kernel.shape[:2], strides))
-  if impl == "forward":
-    return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: forward_conv(v, k, (1, 1), p))
-  return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: patches_matmul(v, k, (1, 1), p))
+  if form_ == "scatter":
+    return scatter_matmul(x, kernel, (1, 1), pads, dilation=strides)
+  conv1 = forward_conv if form_ == "forward" else patches_matmul
+  return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: conv1(v, k, (1, 1), p))
 
 
 class Conv(nn.Module):
