@@ -5,8 +5,9 @@ gradients of x and the kernel), in every form of genflax/models/conv.py
 (`conv.FORMS`, or `--forms`), and says which one `conv.form` picks for
 `--impl`. The layers are the 28x28 DCGAN's and conv VAE's at batch 256 (D's
 at 512: real and fake), the 8x8 ones, and a sweep of 3x3 layers 32 -> O at
-28x28 where the narrow-output rule's crossover lies (`scatter` only where
-O <= 2 * conv.NARROW: wider, it takes seconds). Milliseconds (median of
+28x28 where the narrow-output rule's crossover lies (`scatter` on a
+convolution only where O <= 2 * conv.NARROW: wider, it takes seconds; on
+every transposed one). Milliseconds (median of
 `--repeats`), with the float32 matmul peak measured in the same run. With
 glibc's malloc as `host_malloc=keep` sets it (the process re-runs itself
 with those settings, as `hot_loop` does).
@@ -39,8 +40,11 @@ LAYERS = {
     "vae28 dec convT 1": ((256, 7, 7, 64), (3, 3, 64, 64), 2, True),
     "vae28 dec convT 2": ((256, 14, 14, 64), (3, 3, 64, 32), 2, True),
     "vae28 dec conv out": ((256, 28, 28, 32), (3, 3, 32, 2), 1, False),
+    "vae8 dec convT 1": ((128, 2, 2, 64), (3, 3, 64, 64), 2, True),
+    "vae8 dec convT 2": ((128, 4, 4, 64), (3, 3, 64, 32), 2, True),
     "vae8 dec conv out": ((128, 8, 8, 32), (3, 3, 32, 2), 1, False),
-    "dcgan8 G convT 2": ((64, 4, 4, 64), (4, 4, 64, 1), 2, True),
+    "dcgan8 G convT 1": ((64, 2, 2, 64), (4, 4, 64, 32), 2, True),
+    "dcgan8 G convT 2": ((64, 4, 4, 32), (4, 4, 32, 1), 2, True),
     **{f"3x3 32 -> {o} at 28x28": ((256, 28, 28, 32), (3, 3, 32, o), 1, False)
        for o in (4, 8, 16)},
 }
@@ -95,7 +99,7 @@ def main():
     choice = picked(args.impl, x_shape, kernel_shape, stride, transposed)
     cells = []
     for form in forms:
-      if form == "scatter" and kernel_shape[3] > 2 * conv.NARROW:
+      if form == "scatter" and kernel_shape[3] > 2 * conv.NARROW and not transposed:
         cells.append("-")  # seconds: O channels per tap padded into place
         continue
       op = layer_op(form, kernel_shape, stride, transposed, x_shape)

@@ -126,7 +126,7 @@ def test_allreduce_benchmark_times_each_buffer_count(capsys, monkeypatch):
 
 
 def test_conv_layers_times_every_form_and_marks_the_pick():
-  result = helpers.cli("--layers", "vae8,dcgan8", "--repeats", "1", module="benchmarks.conv_layers")
+  result = helpers.cli("--layers", "vae8 dec conv out,dcgan8 G convT 2", "--repeats", "1", module="benchmarks.conv_layers")
   assert result.returncode == 0, result.stderr
   rows = [line for line in result.stdout.splitlines() if line.startswith("| vae8") or
           line.startswith("| dcgan8")]
