@@ -15,7 +15,6 @@ with those settings, as `hot_loop` does).
 import argparse
 import os
 import sys
-import time
 
 from genflax import hostmem
 
@@ -26,7 +25,7 @@ if not hostmem.KEEP_ENV.items() <= os.environ.items():  # before jax starts a th
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from benchmarks import hot_loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import allreduce, hot_loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 from genflax.models import conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # name: (input shape [B, H, W, C], kernel [kh, kw, C, O], stride, transposed)
@@ -50,16 +49,6 @@ LAYERS = {
 }
 
 
-def median_ms(f, *args, repeats: int) -> float:
-  jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(f(*args))
-    times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2] * 1e3
-
-
 def layer_op(form: str, kernel_shape, stride: int, transposed: bool, x_shape):
   """(x, kernel) -> y for one layer ("SAME" padding, as the families' layers)."""
   strides = (stride, stride)
@@ -67,13 +56,6 @@ def layer_op(form: str, kernel_shape, stride: int, transposed: bool, x_shape):
     return lambda x, k: conv.conv_transpose_as(form, x, k, strides, "SAME")
   pads = tuple(map(tuple, jax.lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], strides, "SAME")))
   return lambda x, k: conv.conv_as(form, x, k, strides, pads)
-
-
-def picked(impl: str, x_shape, kernel_shape, stride: int, transposed: bool) -> str:
-  """The form conv.conv / conv.conv_transpose take for this layer under impl."""
-  (h, w, c), o = x_shape[1:], kernel_shape[3]
-  out_pixels = h * w * stride * stride if transposed else -(-h // stride) * -(-w // stride)
-  return conv.form(impl, c, o, h * w, out_pixels)
 
 
 def main():
@@ -96,7 +78,8 @@ def main():
     kernel = jax.random.normal(keys[1], kernel_shape) * 0.1
     y_shape = jax.eval_shape(layer_op("xla", kernel_shape, stride, transposed, x_shape), x, kernel).shape
     r = jax.random.normal(keys[2], y_shape)
-    choice = picked(args.impl, x_shape, kernel_shape, stride, transposed)
+    (h, w, c), o = x_shape[1:], kernel_shape[3]
+    choice = conv.form(args.impl, c, o, h * w, y_shape[1] * y_shape[2])
     cells = []
     for form in forms:
       if form == "scatter" and kernel_shape[3] > 2 * conv.NARROW and not transposed:
@@ -104,8 +87,8 @@ def main():
         continue
       op = layer_op(form, kernel_shape, stride, transposed, x_shape)
       grads = jax.grad(lambda x, k, op=op: jnp.sum(op(x, k) * r), (0, 1))
-      fwd = median_ms(jax.jit(op), x, kernel, repeats=args.repeats)
-      both = median_ms(jax.jit(grads), x, kernel, repeats=args.repeats)
+      fwd = allreduce.median_ms(jax.jit(op), (x, kernel), args.repeats)
+      both = allreduce.median_ms(jax.jit(grads), (x, kernel), args.repeats)
       cells.append(f"{fwd:.1f} / {both:.1f}" + (" *" if form == choice else ""))
     print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
