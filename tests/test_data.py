@@ -324,6 +324,22 @@ def test_catalogue_dataset_loads(catalogue_dir):
     assert label == i % 3
 
 
+def test_a_process_decodes_a_prepared_dataset_once(catalogue_dir):
+  first = data.load("genflax_test_images", data_dir=catalogue_dir)
+  again = data.load("genflax_test_images", data_dir=catalogue_dir)
+  assert again[0]["image"] is first[0]["image"] and again[1]["label"] is first[1]["label"]
+  with pytest.raises(ValueError, match="read-only"):  # shared by both loads
+    first[0]["image"][0] = 0
+  # Files that change (here: their times) are decoded again.
+  prepared = os.path.join(catalogue_dir, "genflax_test_images", "1.0.0")
+  name = sorted(os.listdir(prepared))[0]
+  stat = os.stat(os.path.join(prepared, name))
+  os.utime(os.path.join(prepared, name), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  fresh = data.load("genflax_test_images", data_dir=catalogue_dir)
+  assert fresh[0]["image"] is not first[0]["image"]
+  np.testing.assert_array_equal(fresh[0]["image"], first[0]["image"])
+
+
 def test_catalogue_unlabelled_greyscale(catalogue_dir):
   train, test, info = data.load("genflax_test_grey", data_dir=catalogue_dir)
   assert info == data.DatasetInfo("genflax_test_grey", (6, 6, 1), 0, 256, 6, 2)
