@@ -136,6 +136,12 @@ def test_fid_matches_scipy_and_is_zero_for_a_set_with_itself():
   x, y = rng.normal(size=(2, 400, 16))
   assert abs(image_metrics.kid(x, y)) < 0.1 * image_metrics.kid(x, y + 0.5)
   assert image_metrics.precision_recall(a, a) == (1.0, 1.0)
+  # Each point's k-th nearest other point, as a full sort of its distances finds it;
+  # the real side's radii, computed once per run, give the same scores.
+  d = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
+  np.testing.assert_allclose(image_metrics.knn_radii(a, 3), np.sort(d, 1)[:, 3], rtol=1e-6)
+  assert (image_metrics.precision_recall(a, b, real_radii=image_metrics.knn_radii(a))
+          == image_metrics.precision_recall(a, b) != (1.0, 1.0))
   probs = np.eye(10)[np.arange(200) % 10]  # confident and balanced: the maximum
   assert image_metrics.inception_score(probs) == pytest.approx(10.0, rel=1e-6)
 

@@ -472,7 +472,8 @@ def reference(setup: Setup, test: dict, n: int) -> dict:
   key = ("reference", n)
   if key not in setup.cache:
     train, _, _ = datasets(setup.config, "")
-    setup.cache[key] = image_metrics.reference(setup.config, train, test, setup.info, n)
+    setup.cache[key] = image_metrics.reference(setup.config, train, test, setup.info, n,
+                                                     setup.cache)
   return setup.cache[key]
 
 

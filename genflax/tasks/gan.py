@@ -401,8 +401,9 @@ def reference(setup: Setup, test: dict, n: int) -> dict:
   if key not in setup.cache:
     c = setup.config
     train, _, _ = datasets(c, "")
-    ref = image_metrics.reference(c, train, test, setup.info, n)
-    untrained = init(setup, tasks.run_keys(c.seed)[0])["ema_g"]  # the run's own start
+    ref = image_metrics.reference(c, train, test, setup.info, n, setup.cache)
+    # The run's own start, in one compiled program rather than op by op.
+    untrained = jax.jit(lambda rng: init(setup, rng)["ema_g"])(tasks.run_keys(c.seed)[0])
     at_init = generate_images(setup, untrained, n, jax.random.PRNGKey(c.seed + 1))
     setup.cache[key] = {**ref, "fid_init": image_metrics.fid(ref["features"](at_init)[0],
                                                              ref["real"])}

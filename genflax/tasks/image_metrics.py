@@ -151,36 +151,45 @@ def _checkpointer() -> ocp.StandardCheckpointer:
 
 
 def chunked(fn, x):
-  """fn over x [N, ...] in fixed CHUNK-sized pieces (one compilation) -> float64 numpy."""
+  """fn over x [N, ...] in fixed CHUNK-sized pieces (one compilation) -> float64 numpy.
+  The pieces are cut on the host: slicing a device array at each offset would
+  compile one program per offset."""
+  x = np.asarray(x)
   n = x.shape[0]
   pad = -n % CHUNK
-  x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, 0)]) if pad else x
+  x = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
   outs = [jax.device_get(fn(x[i:i + CHUNK])) for i in range(0, n + pad, CHUNK)]
   return jax.tree.map(lambda *a: np.concatenate(a).astype(np.float64)[:n], *outs)
 
 
 # ---- What a family calls
 
-def reference(config, train, test, info, n: int) -> dict:
-  """The real side of every score of n generated images, computed once per n.
+def reference(config, train, test, info, n: int, cache: dict | None = None) -> dict:
+  """The real side of every score of n generated images.
 
   The floor compares n train images (at most all of them) with the test
-  split: the score of a generator as good as fresh real data.
+  split: the score of a generator as good as fresh real data. cache: a dict
+  the family keeps (its setup's), where the test split's side, the same
+  for every n, is computed once.
   """
-  features, accuracy = load_or_train(config.data.data_dir or None, train, test, info,
-                                     config.eval.get("feature_steps", 0))
-  real, real_probs = features(scale(test["image"], info.num_levels))
-  floor, _ = features(scale(train["image"][:n], info.num_levels))
-  return {"features": features, "accuracy": accuracy, "real": real,
-          "fid_floor": fid(floor, real), "kid_floor": kid(floor, real),
-          "is_real": inception_score(real_probs)}
+  cache = {} if cache is None else cache
+  if "image_metrics.real" not in cache:
+    features, accuracy = load_or_train(config.data.data_dir or None, train, test, info,
+                                       config.eval.get("feature_steps", 0))
+    real, real_probs = features(scale(test["image"], info.num_levels))
+    cache["image_metrics.real"] = {"features": features, "accuracy": accuracy, "real": real,
+                                   "real_radii": knn_radii(real),
+                                   "is_real": inception_score(real_probs)}
+  side = cache["image_metrics.real"]
+  floor, _ = side["features"](scale(train["image"][:n], info.num_levels))
+  return {**side, "fid_floor": fid(floor, side["real"]), "kid_floor": kid(floor, side["real"])}
 
 
 def scores(ref: dict, images) -> dict:
   """FID, KID, IS and precision/recall of images [N, H, W, C] in [-1, 1] against the
   test split, with the reference's floors and the feature network's accuracy."""
   fake, probs = ref["features"](images)
-  precision, recall = precision_recall(ref["real"], fake)
+  precision, recall = precision_recall(ref["real"], fake, real_radii=ref["real_radii"])
   return {"fid": fid(fake, ref["real"]), "fid_floor": ref["fid_floor"],
           "kid": kid(fake, ref["real"]), "kid_floor": ref["kid_floor"],
           "is": inception_score(probs), "is_real": ref["is_real"],
@@ -229,18 +238,22 @@ def inception_score(probs) -> float:
   return float(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), 1))))
 
 
-def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+def precision_recall(real, fake, k: int = 3, real_radii=None) -> tuple[float, float]:
   """k-NN manifold precision and recall (Kynkäänniemi et al. 2019).
 
   Precision: the share of fake points inside some real point's k-NN ball
   (quality); recall: the share of real points inside some fake point's ball
-  (diversity).
+  (diversity). real_radii: knn_radii(real, k), where the caller keeps them.
   """
-  def coverage(ref, query):
-    d_ref = _distances(ref, ref)
-    radius = np.sort(d_ref, 1)[:, k]  # column 0 is the point itself
-    return float(np.mean(np.any(_distances(query, ref) <= radius[None, :], 1)))
-  return coverage(real, fake), coverage(fake, real)
+  def coverage(ref, radii, query):
+    return float(np.mean(np.any(_distances(query, ref) <= radii[None, :], 1)))
+  real_radii = knn_radii(real, k) if real_radii is None else real_radii
+  return coverage(real, real_radii, fake), coverage(fake, knn_radii(fake, k), real)
+
+
+def knn_radii(points, k: int = 3):
+  """Each point's distance to its k-th nearest other point (index 0 is itself)."""
+  return np.partition(_distances(points, points), k, axis=1)[:, k]
 
 
 def _distances(a, b):
