@@ -473,7 +473,7 @@ def reference(setup: Setup, test: dict, n: int) -> dict:
   if key not in setup.cache:
     train, _, _ = datasets(setup.config, "")
     setup.cache[key] = image_metrics.reference(setup.config, train, test, setup.info, n,
-                                                     setup.cache)
+                                               setup.cache)
   return setup.cache[key]
 
 
