@@ -11,6 +11,17 @@ every transposed one). Milliseconds (median of
 `--repeats`), with the float32 matmul peak measured in the same run. With
 glibc's malloc as `host_malloc=keep` sets it (the process re-runs itself
 with those settings, as `hot_loop` does).
+
+`--matmuls` times instead the matmuls a layer is made of when written as
+matmuls (im2col; a transposed convolution one stride-1 convolution per
+output phase: `conv.lhs_dilated`), with no gathering, scattering or
+transposing around them: for each of forward, input gradient and kernel
+gradient, in the pixel-major layout genflax runs (rows = pixels: [N, K] x
+[K, O]; the kernel gradient [N, K]^T x [N, O]) and in the channel-major one
+([O, K] x [K, N]; the kernel gradient [O, N] x [N, K]^T). N: the layer's
+output pixels (per phase), K: kh kw C (the phase's taps times C), O: output
+channels. The % of the matmul peak there bounds what any formulation of the
+layer on XLA:CPU's matmuls can reach.
 """
 import argparse
 import os
@@ -58,21 +69,63 @@ def layer_op(form: str, kernel_shape, stride: int, transposed: bool, x_shape):
   return lambda x, k: conv.conv_as(form, x, k, strides, pads)
 
 
+def _dot(contract):
+  return jax.jit(lambda a, b: jax.lax.dot_general(a, b, (contract, ((), ()))))
+
+
+# (name, operand shapes from (N, K, O), contracting dims): each does 2 N K O flops.
+MATMULS = (
+    ("forward, pixel-major", lambda n, k, o: ((n, k), (k, o)), ((1,), (0,))),
+    ("forward, channel-major", lambda n, k, o: ((o, k), (k, n)), ((1,), (0,))),
+    ("input grad, pixel-major", lambda n, k, o: ((n, o), (o, k)), ((1,), (0,))),
+    ("input grad, channel-major", lambda n, k, o: ((k, o), (o, n)), ((1,), (0,))),
+    ("kernel grad, pixel-major", lambda n, k, o: ((n, k), (n, o)), ((0,), (0,))),
+    ("kernel grad, channel-major", lambda n, k, o: ((o, n), (k, n)), ((1,), (1,))),
+)
+
+
+def matmul_rows(names, repeats: int, peak: float):
+  """Per layer: GFLOP of one pass, then each of MATMULS as % of peak (the layer's
+  matmuls' flops over their summed median times)."""
+  print("% of the matmul peak; the layer's matmuls (N, K, O) alone")
+  print("| layer | (N, K, O) | GFLOP | " + " | ".join(m[0] for m in MATMULS) + " |")
+  print("| --- | --- | --- |" + " --- |" * len(MATMULS))
+  for name in names:
+    x_shape, kernel_shape, stride, transposed = LAYERS[name]
+    shapes = conv.matmul_shapes(x_shape, kernel_shape, (stride, stride), "SAME", transposed)
+    flops = sum(2 * n * k * o for n, k, o in shapes)
+    cells = []
+    for _, operands, contract in MATMULS:
+      ms = 0.0
+      for n, k, o in shapes:
+        a, b = (jnp.ones(s, jnp.float32) for s in operands(n, k, o))
+        ms += allreduce.median_ms(_dot(contract), (a, b), repeats)
+      cells.append(f"{100 * flops / (ms * 1e-3) / peak:.0f}")
+    print(f"| {name} | {', '.join(map(str, sorted(set(shapes))))} | {flops / 1e9:.2f} | "
+          + " | ".join(cells) + " |", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--forms", default=",".join(conv.FORMS[1:]), help="comma-separated conv.FORMS")
   parser.add_argument("--impl", default="forward", help="the impl whose pick is shown")
   parser.add_argument("--layers", default="", help="comma-separated name prefixes (default: all)")
   parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument("--matmuls", action="store_true", help="time the layers' matmuls alone")
   args = parser.parse_args()
   forms = args.forms.split(",")
-  print(f"matmul peak {hot_loop.matmul_peak() / 1e9:.0f} GFLOP/s; "
+  names = [n for n in LAYERS if n.startswith(tuple(args.layers.split(",")))]
+  peak = hot_loop.matmul_peak()
+  if args.matmuls:
+    print(f"matmul peak {peak / 1e9:.0f} GFLOP/s")
+    matmul_rows(names, args.repeats, peak)
+    return
+  print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; "
         f"ms forward / forward+backward; * = conv.form({args.impl!r}, ...)")
   print("| layer | " + " | ".join(forms) + " |")
   print("| --- |" + " --- |" * len(forms))
-  for name, (x_shape, kernel_shape, stride, transposed) in LAYERS.items():
-    if not name.startswith(tuple(args.layers.split(","))):
-      continue
+  for name in names:
+    x_shape, kernel_shape, stride, transposed = LAYERS[name]
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], x_shape)
     kernel = jax.random.normal(keys[1], kernel_shape) * 0.1

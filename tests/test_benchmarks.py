@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import allreduce, hot_loop, memory_plan, profile_ops
 from genflax import trainer
+from genflax.models import conv
 from tests import helpers
 
 
@@ -123,6 +124,29 @@ def test_allreduce_benchmark_times_each_buffer_count(capsys, monkeypatch):
   rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
   assert [int(r[0]) for r in rows] == [1, 8, 50]
   assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_matmul_shapes_do_the_layers_multiply_adds():
+  """Each output pixel of a layer takes kh kw C multiply-adds per channel; a
+  transposed convolution's phases share them out (SAME, 3x3 stride 2: 1, 2,
+  2 and 4 taps; 4x4 stride 2: 4 each)."""
+  shapes = conv.matmul_shapes((2, 5, 5, 3), (3, 3, 3, 4), 2, "SAME", transposed=True)
+  assert shapes == [(50, 12, 4), (50, 6, 4), (50, 6, 4), (50, 3, 4)]
+  assert sum(n * k for n, k, _ in shapes) == 10 * 10 * 2 * 9 / 4 * 3  # 9/4 taps per pixel
+  assert conv.matmul_shapes((2, 4, 4, 3), (4, 4, 3, 5), 2, "SAME", True) == [(32, 12, 5)] * 4
+  assert conv.matmul_shapes((2, 8, 8, 3), (3, 3, 3, 5), 2, "SAME", False) == [(32, 27, 5)]
+
+
+def test_conv_layers_times_the_layers_matmuls_alone():
+  result = helpers.cli("--layers", "vae8 dec convT 2", "--repeats", "1", "--matmuls",
+                       module="benchmarks.conv_layers")
+  assert result.returncode == 0, result.stderr
+  header, row = [line for line in result.stdout.splitlines() if line.startswith("| layer") or
+                 line.startswith("| vae8")]
+  cells = [c.strip() for c in row.split("|")[1:-1]]
+  assert len(header.split("|")) == len(row.split("|")) and len(cells) == 3 + 6, result.stdout
+  assert cells[2] == f"{2 * 128 * 4 * 4 * 64 * 9 * 32 / 1e9:.2f}"  # 9 taps over 4 phases
+  assert all(0 < float(c) for c in cells[3:]), row
 
 
 def test_conv_layers_times_every_form_and_marks_the_pick():

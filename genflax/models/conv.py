@@ -249,6 +249,28 @@ def lhs_dilated(x, kernel, strides, pads, conv1):
   return y.reshape(b, ph * sh, pw * sw, o)[:, :out_h, :out_w]
 
 
+def matmul_shapes(x_shape, kernel_shape, strides, padding: str,
+                  transposed: bool) -> list[tuple[int, int, int]]:
+  """(N, K, O) of each matmul of a layer written as matmuls, [N, K] x [K, O]:
+  one for a convolution (N output pixels, K = kh kw C), one per nonempty
+  output phase of a transposed one (as `lhs_dilated` runs it: N the phase's
+  pixels, K its taps times C)."""
+  b, h, w, c = x_shape
+  kh, kw, _, o = kernel_shape
+  strides = _pairs(strides)
+  if not transposed:
+    pads = lax.padtype_to_pads((h, w), (kh, kw), strides, padding)
+    ho, wo = _out_hw(h + sum(pads[0]), w + sum(pads[1]), (kh, kw), strides)
+    return [(b * ho * wo, kh * kw * c, o)]
+  pads = [_transpose_pads(k, s, padding) for k, s in zip((kh, kw), strides)]
+  out = [(n - 1) * s + 1 + sum(p) - k + 1 for n, k, s, p in zip((h, w), (kh, kw), strides, pads)]
+  per_phase = [-(-m // s) for m, s in zip(out, strides)]
+  taps = [[_phase(n, k, s, p, a, m)[1] for a in range(s)]
+          for n, k, s, p, m in zip((h, w), (kh, kw), strides, pads, per_phase)]
+  return [(b * per_phase[0] * per_phase[1], th * tw * c, o)
+          for th in taps[0] for tw in taps[1] if th * tw]
+
+
 def conv_transpose(x, kernel, strides, padding: str, impl: str):
   """Flax nn.ConvTranspose's convolution (x [B, H, W, C], kernel [kh, kw, C, O],
   no kernel flip), each layer in the form `form` picks for impl."""
