@@ -6,6 +6,7 @@ position and which experiment wrote it). Saving is asynchronous: Orbax
 copies the arrays before `save` returns, so the next step may donate them.
 """
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -34,12 +35,15 @@ NOT_IDENTITY = ("model.dense_grads", "model.attention", "model.conv", "model.dty
 class _QuietOrbax(logging.Filter):
   """Orbax logs a failed background save as several tracebacks from its threads;
   genflax reports it once, in one line (CheckpointError), so those are dropped,
-  and so are its warnings that a read-only manager (genflax.sample's) is read-only."""
+  and so are its warnings that a read-only manager (genflax.sample's) is read-only
+  and that genflax's array handler replaced its default one."""
 
   def filter(self, record):
     if f"{os.sep}orbax{os.sep}" not in record.pathname:
       return True
     if record.levelno >= logging.ERROR:
+      return False
+    if "overriding" in record.getMessage():  # _write_replicas_whole
       return False
     return "read only" not in record.getMessage() and "read_only" not in record.getMessage()
 
@@ -61,8 +65,22 @@ class _QuietOrbaxTasks(logging.Filter):
 logging.getLogger("asyncio").addFilter(_QuietOrbaxTasks())
 
 
+@functools.cache
+def _write_replicas_whole(processes: int) -> None:
+  """Within one process, a replicated array is written from one device.
+  Orbax's replica-parallel save (on by default on CPU) has each replica write a
+  slice, which compiles a slicing program per array and device: about 10 s of
+  a run's first save with 8 CPU devices. It pays only where several hosts
+  share the writing, so it stays on there."""
+  from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=processes > 1,
+      array_metadata_store=array_metadata_store.Store()), override=True)  # Orbax's default
+
+
 def manager(workdir: str, keep: int | None = None, read_only: bool = False
             ) -> ocp.CheckpointManager:
+  _write_replicas_whole(jax.process_count())
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=True,

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from genflax import checks, data, optim, sharding, trainer
+from genflax import checkpoints, checks, data, optim, sharding, trainer
 from genflax.data import fashion_mnist
 from genflax.errors import ConfigError
 from tests import helpers
@@ -290,6 +290,35 @@ def test_with_no_readable_checkpoint_the_run_refuses_and_says_how_to_start_afres
   assert helpers.cli(*args).returncode == 0
 
 
+def test_one_process_saves_replicated_arrays_without_compiling(tmp_path):
+  """Orbax's replica-parallel save has each of the 8 replicas write a slice,
+  compiling a slicing program per array and device (seconds of a run's first
+  save); within one process each array is written whole, from one device."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {f"w{i}": jax.device_put(np.arange(8 * (i + 1) * 16, dtype=np.float32).reshape(-1, 16),
+                                   replicated) for i in range(3)}
+  compiles = []
+
+  def listener(event, duration, **_):
+    del duration
+    compiles.extend([event] if event == "/jax/core/compile/backend_compile_duration" else [])
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    mngr = checkpoints.manager(str(tmp_path))
+    checkpoints.save(mngr, 1, state, {"step": 1})
+    mngr.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles, compiles
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)
+  restored, meta = checkpoints.restore(mngr, abstract)
+  assert meta["step"] == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
 def test_sharded_over_8_devices_equals_one_device(tmp_path):
   assert jax.device_count() == 8
   runs = {}
@@ -363,6 +392,17 @@ def _launch_two(args, workdir):
       cwd=helpers.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
 
+
+def _both_finish(procs) -> list[str]:
+  """The two processes' outputs, once both exit 0. Printed, so that a failure
+  shows both in full (an assertion message is cut short)."""
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for i, out in enumerate(outs):
+    print(f"---- process {i}:\n{out}")
+  assert [p.returncode for p in procs] == [0, 0]
+  return outs
+
+
 def _assert_two_trained_like_one(args, tmp_path, key, rel):
   """tmp_path/two (two processes, 2 devices each) ends as one process with 4
   devices ends on `args`: parameters, and results.json's `key` within `rel`."""
@@ -392,8 +432,7 @@ def test_two_processes_train_like_one(tmp_path):
   procs = launch()
   first = _read_until(procs[0], "train step compiled")
   procs[1].send_signal(signal.SIGTERM)
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
+  outs = _both_finish(procs)
   assert "4 cpu devices, 2 process(es)" in "".join(first)
   stopped = int(outs[0].split("stopped by SIGTERM (process 1) at step ")[1].split(";")[0])
   received = int(outs[1].split("SIGTERM received by process 1 at step ")[1].split()[0])
@@ -401,8 +440,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert _params(str(tmp_path / "two"))[0] == stopped
 
   procs = launch()
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
+  outs = _both_finish(procs)
   assert f"resumed from step {stopped}" in outs[0]
   assert "final eval" in outs[0] and "final eval" not in outs[1]  # process 0 reports
   _assert_two_trained_like_one(args, tmp_path, "neg_elbo", 1e-5)
@@ -416,8 +454,7 @@ def test_two_processes_with_one_flat_collective_train_like_one(tmp_path, how):
   args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=100",
           "--config.train.eval_every_steps=1000", f"--config.train.grad_allreduce={how}"]
   procs = _launch_two(args, tmp_path / "two")
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
+  outs = _both_finish(procs)
   assert "4 cpu devices, 2 process(es)" in outs[0]
   _assert_two_trained_like_one(args, tmp_path, None, None)
 
@@ -428,16 +465,14 @@ def test_two_processes_set_a_damaged_checkpoint_aside_together(tmp_path):
   before and finish as the undamaged run did."""
   args = ["--config=configs/vae_digits.py:smoke"]
   procs = _launch_two(args, tmp_path)  # checkpoints 8 and 12
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
+  outs = _both_finish(procs)
   want = json.load(open(tmp_path / "results.json"))
   os.remove(tmp_path / "results.json")
   state = tmp_path / "checkpoints" / "12" / "state"
   for data_file in state.glob("ocdbt.process_*/d/*"):  # each cut in half
     os.truncate(data_file, data_file.stat().st_size // 2)
   procs = _launch_two(args, tmp_path)
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
+  outs = _both_finish(procs)
   assert "Traceback" not in "".join(outs)
   assert "checkpoint 12" in outs[0] and "set aside as" in outs[0]
   assert "resumed from step 8" in outs[0]
@@ -455,8 +490,7 @@ def test_two_processes_train_the_gan_and_the_lm_like_one(tmp_path, name):
           f"--config.data.data_dir={features}"] if name == "gan_digits" else [
           f"--config=configs/{name}.py:smoke", "--config.train.num_steps=16"]
   procs = _launch_two(args, tmp_path / "two")
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
+  outs = _both_finish(procs)
   assert "4 cpu devices, 2 process(es)" in outs[0] and "Traceback" not in "".join(outs)
   if name == "gan_digits":
     assert len(os.listdir(features / "genflax_features")) == 1  # one network, no leftovers
