@@ -43,7 +43,7 @@ class _QuietOrbax(logging.Filter):
       return True
     if record.levelno >= logging.ERROR:
       return False
-    if "overriding" in record.getMessage():  # _write_replicas_whole
+    if "Type handler registry" in record.getMessage():  # _write_replicas_whole
       return False
     return "read only" not in record.getMessage() and "read_only" not in record.getMessage()
 

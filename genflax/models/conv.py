@@ -223,6 +223,13 @@ def _phase(n: int, k: int, s: int, pads: tuple[int, int], a: int, length: int):
   return t0, taps, (-offset, length + taps - 1 + offset - n)
 
 
+def _dilated_out(n: int, k: int, s: int, pads: tuple[int, int]) -> tuple[int, int]:
+  """Outputs of a 1-D convolution of an s-dilated length-n input with pads and
+  kernel size k, and outputs per phase (ceil: the last phases' last ones cropped)."""
+  out = (n - 1) * s + 1 + sum(pads) - k + 1
+  return out, -(-out // s)
+
+
 def lhs_dilated(x, kernel, strides, pads, conv1):
   """lax.conv_general_dilated(x, kernel, 1, pads, lhs_dilation=strides) as
   s x s stride-1 convolutions conv1(x, sub-kernel, pads), one per output phase,
@@ -230,9 +237,8 @@ def lhs_dilated(x, kernel, strides, pads, conv1):
   b, h, w, _ = x.shape
   kh, kw, _, o = kernel.shape
   sh, sw = strides
-  out_h, out_w = [(n - 1) * s + 1 + sum(p) - k + 1
-                  for n, k, s, p in ((h, kh, sh, pads[0]), (w, kw, sw, pads[1]))]
-  ph, pw = -(-out_h // sh), -(-out_w // sw)  # outputs per phase (the last ones cropped)
+  (out_h, ph), (out_w, pw) = (_dilated_out(n, k, s, p)
+                              for n, k, s, p in ((h, kh, sh, pads[0]), (w, kw, sw, pads[1])))
   rows = []
   for a in range(sh):
     t0h, nh, padh = _phase(h, kh, sh, pads[0], a, ph)
@@ -263,8 +269,7 @@ def matmul_shapes(x_shape, kernel_shape, strides, padding: str,
     ho, wo = _out_hw(h + sum(pads[0]), w + sum(pads[1]), (kh, kw), strides)
     return [(b * ho * wo, kh * kw * c, o)]
   pads = [_transpose_pads(k, s, padding) for k, s in zip((kh, kw), strides)]
-  out = [(n - 1) * s + 1 + sum(p) - k + 1 for n, k, s, p in zip((h, w), (kh, kw), strides, pads)]
-  per_phase = [-(-m // s) for m, s in zip(out, strides)]
+  per_phase = [_dilated_out(n, k, s, p)[1] for n, k, s, p in zip((h, w), (kh, kw), strides, pads)]
   taps = [[_phase(n, k, s, p, a, m)[1] for a in range(s)]
           for n, k, s, p, m in zip((h, w), (kh, kw), strides, pads, per_phase)]
   return [(b * per_phase[0] * per_phase[1], th * tw * c, o)
