@@ -178,7 +178,8 @@ def build(config) -> tuple[trainer.Run, dict]:
   """What the trainer builds for `config` (its data, setup and compiled step), and the
   initial state."""
   built = trainer.build(config, "/tmp/genflax_benchmark")
-  return built, jax.jit(built.init, out_shardings=built.state_sh)(*tasks.run_keys(config.seed))
+  state = tasks.run_once(built.init, *tasks.run_keys(config.seed), out_shardings=built.state_sh)
+  return built, state
 
 
 def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:

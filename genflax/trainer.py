@@ -112,7 +112,7 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
   # ---- State: created (or restored) straight into its shardings
   restored = restore(mngr, run, mesh, log, primary=jax.process_index() == 0)
   if restored is None:
-    state = jax.jit(run.init, out_shardings=run.state_sh)(*tasks.run_keys(config.seed))
+    state = tasks.run_once(run.init, *tasks.run_keys(config.seed), out_shardings=run.state_sh)
     step = 0
   else:
     state, meta = restored

@@ -107,7 +107,7 @@ def test_the_odes_log_likelihood_of_a_gaussians_exact_model_is_the_closed_form(k
 
 def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional():
   setup, _, _ = _setup("conditional,smoke")
-  params = diffusion.init(setup, jax.random.PRNGKey(0))["params"]
+  params = helpers.init(diffusion, setup, jax.random.PRNGKey(0))["params"]
   # Away from the initialisation, whose zero output layer would make every drift alike.
   keys = iter(jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(params))))
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params)
@@ -127,7 +127,7 @@ def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional():
 @pytest.mark.parametrize("arg", ["smoke", "flow,smoke"])
 def test_a_short_run_lowers_the_loss(arg):
   setup, train, _ = _setup(arg, **{"optim.warmup_steps": 20, "model.channels": (16, 32)})
-  state = diffusion.init(setup, jax.random.PRNGKey(0))
+  state = helpers.init(diffusion, setup, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(diffusion.train_step, setup), donate_argnums=0)
   batches, losses = data.Batches(train, 128, 0), []
   for i in range(300):
@@ -161,9 +161,9 @@ def test_interrupted_run_resumes_bitwise(tmp_path):
       state = step(state, batches.get(i))
     return state
 
-  want = run(init(*tasks.run_keys(0)), 0, 12)
+  want = run(tasks.run_once(init, *tasks.run_keys(0)), 0, 12)
   mngr = checkpoints.manager(str(tmp_path))
-  checkpoints.save(mngr, 6, run(init(*tasks.run_keys(0)), 0, 6), {"step": 6})
+  checkpoints.save(mngr, 6, run(tasks.run_once(init, *tasks.run_keys(0)), 0, 6), {"step": 6})
   mngr.wait_until_finished()
   restored, meta = checkpoints.restore(mngr, abstract)
   got = run(restored, meta["step"], 12)

@@ -33,7 +33,7 @@ def test_each_update_changes_only_its_own_network():
   batch = data.Batches(train, 64, 0).get(0)
   for frozen, moving in (("g", "d"), ("d", "g")):
     setup, _, _ = _setup(**{f"optim_{frozen}.lr": 0.0})
-    state = gan.init(setup, jax.random.PRNGKey(0))
+    state = helpers.init(gan, setup, jax.random.PRNGKey(0))
     new, metrics = jax.jit(functools.partial(gan.train_step, setup))(
         state, batch, jax.random.PRNGKey(1))
     assert not _changed(new["params"][frozen], state["params"][frozen])
@@ -52,7 +52,7 @@ def test_each_update_changes_only_its_own_network():
                                       ("cgan_digits", "mlp,concat,hinge,smoke")])
 def test_loss_and_regulariser_variants_train(name, arg):
   setup, train, _ = _setup(name, arg)
-  state = gan.init(setup, jax.random.PRNGKey(0))
+  state = helpers.init(gan, setup, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(gan.train_step, setup))
   batches = data.Batches(train, 64, 0)
   for i in range(3):  # R1 is lazy every 2 steps in smoke: both branches run
@@ -181,7 +181,7 @@ def test_feature_network_steps_default_to_three_epochs_and_others_are_kept_apart
 def test_short_dcgan_run_lowers_fid(features):
   setup, train, test = _setup("dcgan_digits", "", **{
       "model.g_channels": (32, 16), "model.d_channels": (16, 32)})
-  state = gan.init(setup, jax.random.PRNGKey(0))
+  state = helpers.init(gan, setup, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(gan.train_step, setup), donate_argnums=0)
   batches = data.Batches(train, 64, 0)
   for i in range(500):
@@ -214,9 +214,9 @@ def test_interrupted_run_resumes_bitwise(tmp_path):
       state = step(state, batches.get(i))
     return state
 
-  want = run(init(*tasks.run_keys(0)), 0, 12)
+  want = run(tasks.run_once(init, *tasks.run_keys(0)), 0, 12)
   mngr = checkpoints.manager(str(tmp_path))
-  checkpoints.save(mngr, 6, run(init(*tasks.run_keys(0)), 0, 6), {"step": 6})
+  checkpoints.save(mngr, 6, run(tasks.run_once(init, *tasks.run_keys(0)), 0, 6), {"step": 6})
   mngr.wait_until_finished()
   restored, meta = checkpoints.restore(mngr, abstract)
   got = run(restored, meta["step"], 12)
@@ -256,7 +256,7 @@ def test_penalties_see_the_spectral_norm_the_loss_uses():
   config = helpers.config("gan_digits", "sn,smoke")
   train, _, info = gan.datasets(config, "")
   setup = gan.build(config, info)
-  state = gan.init(setup, jax.random.PRNGKey(0))
+  state = helpers.init(gan, setup, jax.random.PRNGKey(0))
   x, y = gan.inputs(setup, {k: v[:8] for k, v in train.items()})
   fake = jax.random.uniform(jax.random.PRNGKey(1), x.shape, minval=-1, maxval=1)
   params, sn = state["params"]["d"], state["sn"]

@@ -36,7 +36,7 @@ def _setup(**overrides):
   tok = tokenizers.CharTokenizer.train(_train_text())
   info = lm.TextInfo("shakespeare", tok, 16, 0, 0, 0, 0, "char", 1.0)
   setup = lm.build(config, info)
-  return setup, nn.unbox(lm.init(setup, jax.random.PRNGKey(0)))
+  return setup, nn.unbox(helpers.init(lm, setup, jax.random.PRNGKey(0)))
 
 
 # ---- Corpus and tokenizers
@@ -322,7 +322,7 @@ def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
       batch, sharding.batch_sharding(mesh)), jax.random.PRNGKey(1))
   assert got["params"]["block0"]["attn"]["query"].sharding.is_equivalent_to(
       params["block0"]["attn"]["query"], 3)
-  want_state = nn.unbox(lm.init(setup, tasks.run_keys(0)[0]))
+  want_state = nn.unbox(helpers.init(lm, setup, tasks.run_keys(0)[0]))
   want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
       want_state, batch, jax.random.PRNGKey(1))
   assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
@@ -340,7 +340,7 @@ def test_sampling_on_a_sharded_mesh_picks_the_one_device_tokens():
   init, _, shardings = trainer.state_layout(lm, sharded_setup, sharded_setup.mesh)
   sharded = jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))["task"]["params"]
   assert sharded["block0"]["attn"]["key"].sharding.spec == P("fsdp", "tensor", None)
-  params = nn.unbox(lm.init(setup, tasks.run_keys(0)[0]))["params"]
+  params = nn.unbox(helpers.init(lm, setup, tasks.run_keys(0)[0]))["params"]
   prompts = jnp.asarray(lm.encode_prompts(setup, ["To be", "or not to"])[0])
   args = (prompts, 40, jax.random.PRNGKey(3), 0.0, 0, 1.0)  # 40 new tokens, context 16
   want = lm.generate_tokens(setup, params, *args)
@@ -363,7 +363,7 @@ def test_flat_allreduce_step_equals_the_one_device_step():
   got, got_metrics = step(jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))["task"],
                           sharding.put_batch(batch, sharding.batch_sharding(mesh)),
                           jax.random.PRNGKey(1))
-  want_state = nn.unbox(lm.init(setup, tasks.run_keys(0)[0]))
+  want_state = nn.unbox(helpers.init(lm, setup, tasks.run_keys(0)[0]))
   want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
       want_state, batch, jax.random.PRNGKey(1))
   assert float(got_metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-5)
@@ -391,7 +391,7 @@ def test_reduce_scatter_step_equals_the_one_device_step():
   got, got_metrics = step(*args)
   mu = got["opt_state"][1][0].mu.decay
   assert {s.data.shape for s in mu.addressable_shards} == {(mu.shape[0] // 8,)}
-  want_state = nn.unbox(lm.init(setup, tasks.run_keys(0)[0]))
+  want_state = nn.unbox(helpers.init(lm, setup, tasks.run_keys(0)[0]))
   want, want_metrics = jax.jit(functools.partial(lm.train_step, setup))(
       want_state, batch, jax.random.PRNGKey(1))
   assert float(want_metrics["grad_norm"]) > setup.config.optim.grad_clip  # clipping acts
@@ -491,7 +491,7 @@ def test_evaluation_in_batches_that_do_not_divide_the_split_counts_every_window_
     config = helpers.config("lm_shakespeare", **{"eval.batch_size": batch})
     _, test, info = lm.datasets(config, str(tmp_path))
     setup = lm.build(config, info)
-    params = lm.init(setup, jax.random.PRNGKey(0))
+    params = helpers.init(lm, setup, jax.random.PRNGKey(0))
     assert len(test["tokens"]) == 64
     results.append(lm.evaluate(setup, nn.unbox(params), test, jax.random.PRNGKey(1), False))
   assert results[0] == pytest.approx(results[1], rel=1e-6)

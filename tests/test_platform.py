@@ -160,7 +160,7 @@ def test_relayout_round_trips_the_optimizer_state():
   config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 8})
   rs = platform.resolve(config, {"train.grad_allreduce": "reduce_scatter"})
   setup = lm.build(rs, _info(16))
-  state = jax.device_get(nn.unbox(lm.init(setup, jax.random.PRNGKey(0))))
+  state = jax.device_get(nn.unbox(helpers.init(lm, setup, jax.random.PRNGKey(0))))
   # Moments that differ per entry, padding zero as in training.
   rng = np.random.default_rng(0)
   flat = optim._FlatLayout(state["params"], lm.decay_mask)  # pylint: disable=protected-access
@@ -169,7 +169,8 @@ def test_relayout_round_trips_the_optimizer_state():
                      state["opt_state"], is_leaf=lambda x: isinstance(x, optim.Flat))
   tree = optim.relayout(opt, state["params"], lm.decay_mask)
   per_param = platform.resolve(config, {"train.grad_allreduce": "per_param"})
-  want = nn.unbox(lm.init(lm.build(per_param, _info(16)), jax.random.PRNGKey(0)))["opt_state"]
+  per_param_setup = lm.build(per_param, _info(16))
+  want = nn.unbox(helpers.init(lm, per_param_setup, jax.random.PRNGKey(0)))["opt_state"]
   assert jax.tree.structure(tree) == jax.tree.structure(want)
   back = optim.relayout(tree, state["params"], lm.decay_mask)
   jax.tree.map(np.testing.assert_array_equal, back, opt)

@@ -67,7 +67,7 @@ def test_bfloat16_kv_cache_sampling_matches_recomputation():
   tok = tokenizers.CharTokenizer.train("abcdefghijklmnopqrstuvwxyz \n")
   info = lm.TextInfo("shakespeare", tok, 16, 0, 0, 0, 0, "char", 1.0)
   setup = lm.build(config, info)
-  params = nn.unbox(lm.init(setup, jax.random.PRNGKey(0)))["params"]
+  params = nn.unbox(helpers.init(lm, setup, jax.random.PRNGKey(0)))["params"]
   prompts = jnp.asarray(lm.encode_prompts(setup, ["abc"])[0])
   got = lm.generate_tokens(setup, params, prompts, 8, jax.random.PRNGKey(0), 0.0, 0, 1.0)
   cache = lm.transformer.init_cache(setup.model.variant, 1, setup.model.dtype)

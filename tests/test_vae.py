@@ -25,7 +25,7 @@ def trained():
   setup, train, test = _setup(**{"train.num_steps": 400, "model.hidden": (128,),
                                  "model.latent_dim": 8})
   batches = data.Batches(train, 128, seed=0)
-  state = vae.init(setup, jax.random.PRNGKey(0))
+  state = helpers.init(vae, setup, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(vae.train_step, setup))
   evaluate = jax.jit(functools.partial(vae.eval_step, setup), static_argnums=3)
   test_batch = {k: jnp.asarray(v) for k, v in test.items()}
@@ -84,7 +84,7 @@ def test_kl_matches_monte_carlo():
 def test_variants_give_image_grids(arch, conditional):
   setup, _, test = _setup(**{"model.arch": arch, "model.conditional": conditional,
                              "model.hidden": (16,), "model.channels": (4, 8)})
-  state = vae.init(setup, jax.random.PRNGKey(0))
+  state = helpers.init(vae, setup, jax.random.PRNGKey(0))
   batch = {k: jnp.asarray(v[:32]) for k, v in test.items()}
   grids = jax.jit(functools.partial(vae.samples, setup))(state, batch, jax.random.PRNGKey(0))
   assert grids["reconstructions"].shape == (8, 8, 8, 8, 1)
@@ -99,7 +99,7 @@ def test_variants_give_image_grids(arch, conditional):
 
 def test_conditional_decoder_uses_the_label():
   setup, _, _ = _setup(**{"model.conditional": True})
-  state = vae.init(setup, jax.random.PRNGKey(0))
+  state = helpers.init(vae, setup, jax.random.PRNGKey(0))
   z = jnp.zeros((2, setup.config.model.latent_dim))
   y = jax.nn.one_hot(jnp.array([3, 7]), 10)
   out = setup.model.apply({"params": state["params"]}, z, y, method=vae.VAE.decode)
@@ -116,7 +116,7 @@ def test_row_major_dense_grads_give_the_same_step_without_transposed_matmuls():
   for kind in ("xla", "row_major"):
     setup, _, _ = _setup(**{"model.dense_grads": kind})
     step = jax.jit(functools.partial(vae.train_step, setup))
-    state = vae.init(setup, jax.random.PRNGKey(0))
+    state = helpers.init(vae, setup, jax.random.PRNGKey(0))
     hlo = step.lower(state, batch, jax.random.PRNGKey(1)).compile().as_text()
     contractions = re.findall(r" dot\(.*lhs_contracting_dims=\{([\d,]*)\}", hlo)
     steps[kind] = step(state, batch, jax.random.PRNGKey(1)), contractions
@@ -132,7 +132,7 @@ def test_row_major_dense_grads_give_the_same_step_without_transposed_matmuls():
 def test_bits_per_dimension_only_for_a_likelihood_of_the_discrete_pixels(likelihood):
   setup, _, test = _setup(**{"model.likelihood": likelihood, "model.hidden": (16,),
                              "model.latent_dim": 2, "eval.iwae_k": 2})
-  state = vae.init(setup, jax.random.PRNGKey(0))
+  state = helpers.init(vae, setup, jax.random.PRNGKey(0))
   batch = {k: jnp.asarray(v[:8]) for k, v in test.items()}
   values = vae.eval_step(setup, state, batch, jax.random.PRNGKey(1), False)
   assert sorted(values) == ["iwae_nll", "kl", "neg_elbo", "rec"]

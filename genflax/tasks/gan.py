@@ -402,8 +402,8 @@ def reference(setup: Setup, test: dict, n: int) -> dict:
     c = setup.config
     train, _, _ = datasets(c, "")
     ref = image_metrics.reference(c, train, test, setup.info, n, setup.cache)
-    # The run's own start, in one compiled program rather than op by op.
-    untrained = jax.jit(lambda rng: init(setup, rng)["ema_g"])(tasks.run_keys(c.seed)[0])
+    # The run's own start, compiled as the trainer compiles it (bit for bit).
+    untrained = tasks.run_once(lambda rng: init(setup, rng)["ema_g"], tasks.run_keys(c.seed)[0])
     at_init = generate_images(setup, untrained, n, jax.random.PRNGKey(c.seed + 1))
     setup.cache[key] = {**ref, "fid_init": image_metrics.fid(ref["features"](at_init)[0],
                                                              ref["real"])}
