@@ -44,6 +44,11 @@ def _args(name, overrides, workdir):
           *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
+def _start(args, stdout=subprocess.PIPE) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "genflax.main", *args], cwd=helpers.ROOT,
+                          stdout=stdout, stderr=subprocess.STDOUT, text=True, env=_env())
+
+
 def _saving(directory) -> bool:
   try:
     return any(d.endswith(".orbax-checkpoint-tmp") for d in os.listdir(directory))
@@ -55,8 +60,7 @@ def _kill_once(args, ckpt_dir, rng) -> str:
   """Starts the run and SIGKILLs it a few log steps into training: either at once
   or as soon as a checkpoint save is under way. Says where the kill landed
   ("" if the run ended first)."""
-  proc = subprocess.Popen([sys.executable, "-m", "genflax.main", *args], cwd=helpers.ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+  proc = _start(args)
   logs, wanted = 0, rng.randint(1, 4)
   for line in proc.stdout:  # training, `wanted` log steps on from where it resumed
     logs += line.startswith("step ") and "/" in line.split()[1]
@@ -76,26 +80,35 @@ def _kill_once(args, ckpt_dir, rng) -> str:
   return where
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_ten_sigkills_then_resume_equal_an_uninterrupted_run(tmp_path, family):
-  name, overrides = FAMILIES[family]
-  straight, broken = tmp_path / "straight", tmp_path / "broken"
-  done = helpers.cli(*_args(name, overrides, straight), timeout=900, env=_env())
-  assert done.returncode == 0, done.stdout + done.stderr
-
-  rng = random.Random(f"faults-{family}")
-  ckpt_dir = broken / "checkpoints"
+def _kill_again_and_again(name, overrides, workdir, rng):
+  """KILLS runs of workdir, each SIGKILLed: (the newest committed step, where each kill landed)."""
+  ckpt_dir = workdir / "checkpoints"
   landed, newest = [], 0
   while len(landed) < KILLS:
-    where = _kill_once(_args(name, overrides, broken), ckpt_dir, rng)
+    where = _kill_once(_args(name, overrides, workdir), ckpt_dir, rng)
     assert where, f"the run ended after {len(landed)} kills: lengthen it"
     steps = checkpoints.committed(ckpt_dir)
     latest = steps[-1] if steps else 0
     assert latest >= newest, (where, steps, newest)  # nothing complete was lost
     newest = latest
     landed.append(where)
-  final = helpers.cli(*_args(name, overrides, broken), timeout=900, env=_env())
-  assert final.returncode == 0, final.stdout + final.stderr
+  return newest, landed
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ten_sigkills_then_resume_equal_an_uninterrupted_run(tmp_path, family):
+  name, overrides = FAMILIES[family]
+  straight, broken = tmp_path / "straight", tmp_path / "broken"
+  log = tmp_path / "straight.log"
+  with open(log, "w") as out:  # the uninterrupted run, beside the kills: the second core
+    uninterrupted = _start(_args(name, overrides, straight), stdout=out)
+  try:
+    newest, landed = _kill_again_and_again(name, overrides, broken, random.Random(f"faults-{family}"))
+    final = helpers.cli(*_args(name, overrides, broken), timeout=900, env=_env())
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert uninterrupted.wait(timeout=900) == 0, log.read_text()
+  finally:
+    uninterrupted.kill()
   print(f"{family}: {KILLS} SIGKILLs, {landed.count('during a save')} during a save, "
         f"{landed.count('while training')} while training; the last resume began at step "
         f"{newest}")
