@@ -276,8 +276,8 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
   trial saves a checkpoint); the same command then resumes that trial, with no
   trial run twice."""
   args = [SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll", "--param=seed=[0, 1]",
-          "--config.train.num_steps=4000", "--config.train.log_every_steps=100",
-          "--config.train.ckpt_every_steps=100", "--config.train.eval_every_steps=4000"]
+          "--config.train.num_steps=1500", "--config.train.log_every_steps=100",
+          "--config.train.ckpt_every_steps=100", "--config.train.eval_every_steps=1500"]
   proc = subprocess.Popen([sys.executable, "-m", "genflax.sweep", *args], cwd=helpers.ROOT,
                           env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -305,7 +305,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
   assert "stopped by SIGTERM" in log and "resumed from step" in log
   resumed_at = int(log.split("resumed from step ")[1].split()[0])
   assert resumed_at >= 200
-  assert json.load(open(first / "results.json"))["step"] == 4000
+  assert json.load(open(first / "results.json"))["step"] == 1500
 
 
 def test_the_median_pruner_stops_a_clearly_worse_trial(tmp_path):
