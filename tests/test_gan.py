@@ -140,6 +140,8 @@ def test_fid_matches_scipy_and_is_zero_for_a_set_with_itself():
   # the real side's radii, computed once per run, give the same scores.
   d = np.sqrt(((a[:, None] - a[None]) ** 2).sum(-1))
   np.testing.assert_allclose(image_metrics.knn_radii(a, 3), np.sort(d, 1)[:, 3], rtol=1e-6)
+  np.testing.assert_allclose(image_metrics.knn_radii(a, 3, block=64), np.sort(d, 1)[:, 3],
+                             rtol=1e-6)  # rows 64 at a time, the last block short
   assert (image_metrics.precision_recall(a, b, real_radii=image_metrics.knn_radii(a))
           == image_metrics.precision_recall(a, b) != (1.0, 1.0))
   probs = np.eye(10)[np.arange(200) % 10]  # confident and balanced: the maximum
