@@ -36,9 +36,10 @@ def cli(*args: str, module: str = "genflax.main", timeout: float = 300,
                         capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def popen(*args: str) -> subprocess.Popen:
+def popen(*args: str, stdout=subprocess.PIPE, **kwargs) -> subprocess.Popen:
+  """Starts `python -m genflax.main ARGS` from the repo root, stderr into stdout."""
   return subprocess.Popen([sys.executable, "-m", "genflax.main", *args], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=stdout, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 # One interpreter imports genflax.main and the libraries behind it once, then

@@ -10,8 +10,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -44,11 +42,6 @@ def _args(name, overrides, workdir):
           *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-def _start(args, stdout=subprocess.PIPE) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", "genflax.main", *args], cwd=helpers.ROOT,
-                          stdout=stdout, stderr=subprocess.STDOUT, text=True, env=_env())
-
-
 def _saving(directory) -> bool:
   try:
     return any(d.endswith(".orbax-checkpoint-tmp") for d in os.listdir(directory))
@@ -60,7 +53,7 @@ def _kill_once(args, ckpt_dir, rng) -> str:
   """Starts the run and SIGKILLs it a few log steps into training: either at once
   or as soon as a checkpoint save is under way. Says where the kill landed
   ("" if the run ended first)."""
-  proc = _start(args)
+  proc = helpers.popen(*args, env=_env())
   logs, wanted = 0, rng.randint(1, 4)
   for line in proc.stdout:  # training, `wanted` log steps on from where it resumed
     logs += line.startswith("step ") and "/" in line.split()[1]
@@ -101,7 +94,7 @@ def test_ten_sigkills_then_resume_equal_an_uninterrupted_run(tmp_path, family):
   straight, broken = tmp_path / "straight", tmp_path / "broken"
   log = tmp_path / "straight.log"
   with open(log, "w") as out:  # the uninterrupted run, beside the kills: the second core
-    uninterrupted = _start(_args(name, overrides, straight), stdout=out)
+    uninterrupted = helpers.popen(*_args(name, overrides, straight), stdout=out, env=_env())
   try:
     newest, landed = _kill_again_and_again(name, overrides, broken, random.Random(f"faults-{family}"))
     final = helpers.cli(*_args(name, overrides, broken), timeout=900, env=_env())
