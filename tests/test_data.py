@@ -5,8 +5,10 @@ import gzip
 import json
 import os
 import shutil
+import threading
 
 from etils import epath
+import filelock
 import numpy as np
 import pytest
 from sklearn import datasets as sk_datasets
@@ -154,6 +156,34 @@ def test_digits_concurrent_prepare_keeps_winners_copy(tmp_path, loaded_digits):
   np.testing.assert_array_equal(train["image"], loaded_digits[0]["image"])
   np.testing.assert_array_equal(test["label"], loaded_digits[1]["label"])
   assert sorted(os.listdir(tmp_path / "digits")) == ["1.0.0"]  # no tmp dirs
+
+
+def test_processes_preparing_one_data_dir_take_turns(tmp_path, loaded_digits):
+  """While one process generates a dataset it holds a lock file beside it:
+  the processes of a multi-host run, reaching a fresh data dir together,
+  prepare it one at a time (at once, one's rename into place failed)."""
+  first = digits.Digits(data_dir=str(tmp_path), file_format="array_record")
+  generating, finish = threading.Event(), threading.Event()
+  generate = first._download_and_prepare
+  def held(**kwargs):  # generating until the test lets it finish
+    generating.set()
+    finish.wait()
+    return generate(**kwargs)
+  first._download_and_prepare = held
+  thread = threading.Thread(target=digits.prepare, args=(first,))
+  thread.start()
+  try:
+    generating.wait()
+    with pytest.raises(filelock.Timeout):  # a second process would wait here
+      filelock.FileLock(str(tmp_path / ".digits.prepare.lock")).acquire(timeout=0)
+  finally:
+    finish.set()
+    thread.join()
+  second = digits.Digits(data_dir=str(tmp_path), file_format="array_record")
+  second._download_and_prepare = lambda **kwargs: pytest.fail("prepared a second time")
+  digits.prepare(second)  # it found the data dir unprepared before it took the lock
+  train, _, _ = data.load("digits", data_dir=str(tmp_path))
+  np.testing.assert_array_equal(train["image"], loaded_digits[0]["image"])
 
 
 # --- IDX files ----------------------------------------------------------------

@@ -4,7 +4,12 @@ Being real data that needs no download, it is what smoke runs and tests train
 on, so it goes through the same tfds format (array_record) as catalogue data.
 """
 
+import contextlib
+import errno
+import os
+
 from etils import epath
+import filelock
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -60,13 +65,33 @@ def prepared_builder(data_dir: str | None, builder_cls=Digits, **kwargs):
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
-  """Prepares `builder`, tolerating another process preparing it at once."""
+  """Prepares `builder` unless another process has: processes preparing the
+  same data dir at once (the processes of a multi-host run, sweep trials)
+  take turns through a lock file beside the dataset, and whoever comes second
+  finds it prepared."""
   tfds.disable_progress_bar()  # a sub-second build needs no progress bars
+  root = os.fspath(builder.data_dir_root)
+  made = not os.path.exists(root)
+  os.makedirs(root, exist_ok=True)
+  lock = os.path.join(root, f".{builder.name}.prepare.lock")
   try:
-    builder.download_and_prepare()
-  except FileExistsError:
-    # tfds writes into a private tmp dir and renames it into place; when a
-    # concurrent process renamed first, our rename fails, and the directory
-    # there is the other process's complete copy.
-    if not builder.is_prepared():
-      raise
+    with filelock.FileLock(lock):
+      if builder.is_prepared():  # re-read: another process may have written it meanwhile
+        return
+      try:
+        builder.download_and_prepare()
+      except OSError as e:
+        # Where the lock does not hold (some network file systems), tfds's
+        # rename of its private tmp dir into place fails once another process
+        # renamed its copy first (FileExistsError if etils saw it there,
+        # ENOTEMPTY if it came between etils's check and the rename); the copy
+        # there is then complete.
+        lost_race = isinstance(e, FileExistsError) or e.errno == errno.ENOTEMPTY
+        if not lost_race or not builder.is_prepared():
+          raise
+  except BaseException:
+    if made:  # a failed first preparation leaves no data dir behind
+      with contextlib.suppress(OSError):
+        os.remove(lock)
+        os.rmdir(root)
+    raise
