@@ -3,6 +3,8 @@ import json
 import os
 import types
 
+import jax
+import numpy as np
 import pytest
 
 from benchmarks import allreduce, hot_loop, memory_plan, profile_ops
@@ -160,3 +162,24 @@ def test_conv_layers_times_every_form_and_marks_the_pick():
     assert scatter.endswith("*") and "*" not in patches + forward, row
     assert all(float(v) > 0 for cell in (patches, scatter, forward)
                for v in cell.rstrip(" *").split(" / ")), row
+
+
+@pytest.mark.parametrize("name,arg", [("vae_fashion", "conv"), ("dcgan_fashion", "")])
+def test_torch_reference_builds_genflax_networks_and_times_their_step(name, arg):
+  """benchmarks.torch_reference's PyTorch networks have the genflax model's
+  parameters, size for size (layouts differ), and its step trains and reports.
+  Needs PyTorch, which genflax does not depend on."""
+  torch = pytest.importorskip("torch", reason="pip install torch (CPU) for the PyTorch reference")
+  from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
+  config = helpers.config(name, arg, **{"data.batch_size": 16})
+  task = trainer.load_task(config.task)
+  setup = task.build(config, torch_reference.INFOS[config.data.name])
+  params = helpers.init(task, setup, jax.random.PRNGKey(0))["params"]
+  networks, step = torch_reference.build(config)
+  assert (sorted(np.size(p) for p in jax.tree.leaves(params))
+          == sorted(p.numel() for net in networks for p in net.parameters()))
+  losses = [torch.stack(step() if config.task == "gan" else [step()]) for _ in range(3)]
+  assert all(torch.isfinite(loss).all() for loss in losses)
+  results = torch_reference.run(config, steps=2, warmup=1, channels_last=True, peak_sizes=(256,))
+  assert results["gflop_per_step"] == pytest.approx(task.train_flops(setup) * 16 / 1e9)
+  assert 0 < results["mfu"] < 1.5 and results["channels_last"]
