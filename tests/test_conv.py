@@ -98,8 +98,9 @@ def test_train_step_with_matmul_or_forward_convs_equals_xla_convs(tmp_path, name
   for impl in IMPLS:
     config = helpers.config(name, arg, **{"mesh.data": 1, "model.conv": impl, **WIDE[name]})
     run = trainer.build(config, str(tmp_path / impl))
-    state = jax.jit(run.init, out_shardings=run.state_sh)(*tasks.run_keys(0))
-    hlo = run.train_step.lower(state, run.feed.inputs(0)).compile().as_text()
+    state = tasks.run_once(run.init, *tasks.run_keys(0), out_shardings=run.state_sh)
+    step = run.train_step.lower(state, run.feed.inputs(0)).compile()  # run as compiled here
+    hlo = step.as_text()
     convs = re.findall(r"convolution\(.*", hlo)
     if impl == "matmul":  # no convolution left
       assert not convs
@@ -108,8 +109,8 @@ def test_train_step_with_matmul_or_forward_convs_equals_xla_convs(tmp_path, name
                            for c in convs), convs
     else:
       assert any("lhs_dilate" in c or "dim_labels=b01f_01io->b01f" not in c for c in convs)
-    for step in range(2):
-      state, metrics = run.train_step(state, run.feed.inputs(step))
+    for i in range(2):
+      state, metrics = step(state, run.feed.inputs(i))
     results[impl] = jax.device_get((state["task"]["params"], metrics))
   params_x, metrics_x = results["xla"]
   for impl in ("matmul", "forward"):

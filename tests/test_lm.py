@@ -385,10 +385,11 @@ def test_reduce_scatter_step_equals_the_one_device_step():
   batch = {"tokens": lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]}
   step = jax.jit(functools.partial(lm.train_step, rs_setup),
                  in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
-  args = (jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))["task"],
+  args = (tasks.run_once(init, *tasks.run_keys(0), out_shardings=shardings)["task"],
           sharding.put_batch(batch, sharding.batch_sharding(mesh)), jax.random.PRNGKey(1))
-  hlo = step.lower(*args).compile().as_text()
-  got, got_metrics = step(*args)
+  compiled = step.lower(*args).compile()
+  hlo = compiled.as_text()
+  got, got_metrics = compiled(*args)
   mu = got["opt_state"][1][0].mu.decay
   assert {s.data.shape for s in mu.addressable_shards} == {(mu.shape[0] // 8,)}
   want_state = nn.unbox(helpers.init(lm, setup, tasks.run_keys(0)[0]))

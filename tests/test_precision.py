@@ -28,7 +28,7 @@ def _train(name, arg, overrides, dtype, tmp_path):
   config = helpers.config(name, arg, **{"mesh.data": 1, "model.dtype": dtype,
                                         "train.num_steps": STEPS, **overrides})
   run = trainer.build(config, str(tmp_path / dtype))
-  state = jax.jit(run.init, out_shardings=run.state_sh)(*tasks.run_keys(0))
+  state = tasks.run_once(run.init, *tasks.run_keys(0), out_shardings=run.state_sh)
   hlo = run.train_step.lower(state, run.feed.inputs(0)).as_text()
   history = []
   for step in range(STEPS):
