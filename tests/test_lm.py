@@ -315,7 +315,7 @@ def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
   assert params["block0"]["norm1"]["scale"].spec == P("fsdp")
   windows = lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]
   batch = {"tokens": windows}
-  sharded_state = jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))
+  sharded_state = tasks.run_once(init, *tasks.run_keys(0), out_shardings=shardings)
   step = jax.jit(functools.partial(lm.train_step, sharded_setup),
                  in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
   got, got_metrics = step(sharded_state["task"], sharding.put_batch(
@@ -338,7 +338,7 @@ def test_sampling_on_a_sharded_mesh_picks_the_one_device_tokens():
   setup, _ = _setup()
   sharded_setup, _ = _setup(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   init, _, shardings = trainer.state_layout(lm, sharded_setup, sharded_setup.mesh)
-  sharded = jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))["task"]["params"]
+  sharded = tasks.run_once(init, *tasks.run_keys(0), out_shardings=shardings)["task"]["params"]
   assert sharded["block0"]["attn"]["key"].sharding.spec == P("fsdp", "tensor", None)
   params = nn.unbox(helpers.init(lm, setup, tasks.run_keys(0)[0]))["params"]
   prompts = jnp.asarray(lm.encode_prompts(setup, ["To be", "or not to"])[0])
@@ -360,7 +360,7 @@ def test_flat_allreduce_step_equals_the_one_device_step():
   batch = {"tokens": lm.windows(setup.info.tokenizer.encode(_train_text()[:5000]), 16)[:16]}
   step = jax.jit(functools.partial(lm.train_step, flat_setup),
                  in_shardings=(shardings["task"], sharding.batch_sharding(mesh), None))
-  got, got_metrics = step(jax.jit(init, out_shardings=shardings)(*tasks.run_keys(0))["task"],
+  got, got_metrics = step(tasks.run_once(init, *tasks.run_keys(0), out_shardings=shardings)["task"],
                           sharding.put_batch(batch, sharding.batch_sharding(mesh)),
                           jax.random.PRNGKey(1))
   want_state = nn.unbox(helpers.init(lm, setup, tasks.run_keys(0)[0]))
