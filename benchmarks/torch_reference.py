@@ -96,7 +96,7 @@ def discretized_gaussian_log_prob(x, mean, log_scale, num_levels: int):
 
 
 def vae_step(config, info, layout):
-  """([the networks], a train step -> its loss) of the conv VAE `config` describes."""
+  """([the networks], a train step -> (its loss,)) of the conv VAE `config` describes."""
   model = ConvVAE(config.model, info.image_shape).to(memory_format=layout)
   opt = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
   b, (h, w, c) = config.data.batch_size, info.image_shape
@@ -111,7 +111,7 @@ def vae_step(config, info, layout):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach()
+    return (loss.detach(),)
   return [model], step
 
 
@@ -197,7 +197,7 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
 
 
 def build(config, channels_last: bool = False):
-  """([the networks], a train step) of the image model `config` describes."""
+  """([the networks], a train step -> a tuple of its losses) of the image model `config` describes."""
   info = INFOS[config.data.name]
   layout = torch.channels_last if channels_last else torch.contiguous_format
   torch.manual_seed(config.seed)
