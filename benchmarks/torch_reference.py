@@ -86,13 +86,12 @@ def discretized_gaussian_log_prob(x, mean, log_scale, num_levels: int):
   half_bin = 0.5 / (num_levels - 1)
   inv_scale = torch.exp(-log_scale.clamp(-7.0, 7.0))
   upper, lower = (x + half_bin - mean) * inv_scale, (x - half_bin - mean) * inv_scale
-  log_cdf_upper, log_sf_lower = torch.special.log_ndtr(upper), torch.special.log_ndtr(-lower)
-  mid_lo = log_cdf_upper + torch.log1p(
-      -torch.exp(torch.clamp_max(torch.special.log_ndtr(lower) - log_cdf_upper, -1e-6)))
-  mid_hi = log_sf_lower + torch.log1p(
-      -torch.exp(torch.clamp_max(torch.special.log_ndtr(-upper) - log_sf_lower, -1e-6)))
-  mid = torch.where(lower > 0, mid_hi, mid_lo)
-  return torch.where(x < half_bin, log_cdf_upper, torch.where(x > 1 - half_bin, log_sf_lower, mid))
+  first, last = x < half_bin, x > 1 - half_bin
+  flip = ~first & (last | (lower > 0))
+  hi, lo = torch.where(flip, -lower, upper), torch.where(flip, -upper, lower)
+  log_hi = torch.special.log_ndtr(hi)
+  mid = log_hi + torch.log1p(-torch.exp(torch.clamp_max(torch.special.log_ndtr(lo) - log_hi, -1e-6)))
+  return torch.where(first | last, log_hi, mid)
 
 
 def vae_step(config, info, layout):

@@ -10,6 +10,7 @@ import pytest
 from benchmarks import allreduce, hot_loop, memory_plan, profile_ops
 from genflax import trainer
 from genflax.models import conv
+from genflax.tasks import vae
 from tests import helpers
 
 
@@ -183,3 +184,12 @@ def test_torch_reference_builds_genflax_networks_and_times_their_step(name, arg)
   results = torch_reference.run(config, steps=2, warmup=1, channels_last=True, peak_sizes=(256,))
   assert results["gflop_per_step"] == pytest.approx(task.train_flops(setup) * 16 / 1e9)
   assert 0 < results["mfu"] < 1.5 and results["channels_last"]
+  if name == "vae_fashion":  # the same likelihood, into both tails
+    x = np.repeat(np.arange(256) / 255, 40).astype(np.float32)
+    rng = np.random.default_rng(0)
+    mean = (x + rng.normal(0, 0.3, x.size)).astype(np.float32)
+    log_scale = rng.uniform(-6, 0, x.size).astype(np.float32)
+    ours = vae.discretized_gaussian_log_prob(x, mean, log_scale, 256)
+    theirs = torch_reference.discretized_gaussian_log_prob(
+        *map(torch.from_numpy, (x, mean, log_scale)), 256)
+    np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-4)

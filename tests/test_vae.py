@@ -72,6 +72,38 @@ def test_discretized_gaussian_is_a_distribution_over_levels():
     assert bool(jnp.all(jnp.isfinite(logp)))
 
 
+def test_discretized_gaussian_matches_float64_into_the_tails():
+  """log P(x's bin) and its gradients against the bin's probability in float64,
+  for means from within the bin to 35 scales from it, on both sides and at the
+  open-ended first and last bins."""
+  from scipy import special  # pylint: disable=import-outside-toplevel
+  levels, half = 256, 0.5 / 255
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, levels, 20_000) / (levels - 1)
+  log_scale = rng.uniform(-6.5, 0.0, x.size)
+  mean = x + rng.normal(size=x.size) * np.exp(log_scale) * 10 ** rng.uniform(-1, 1.4, x.size)
+  s = np.exp(log_scale)
+  u, l = (x + half - mean) / s, (x - half - mean) / s
+  keep = np.maximum(np.abs(u), np.abs(l)) < 35  # where float64's ndtr differences hold
+  x, mean, log_scale, s, u, l = (a[keep] for a in (x, mean, log_scale, s, u, l))
+  first, last = x < half, x > 1 - half
+  assert first.sum() > 50 and last.sum() > 50 and (l > 10).sum() > 50 and (u < -10).sum() > 50
+  phi = lambda t: np.exp(-t * t / 2) / np.sqrt(2 * np.pi)
+  p = np.where(first, special.ndtr(u), np.where(last, special.ndtr(-l), np.where(
+      l > 0, special.ndtr(-l) - special.ndtr(-u), special.ndtr(u) - special.ndtr(l))))
+  dp_dmean = np.where(first, -phi(u), np.where(last, phi(l), phi(l) - phi(u))) / s
+  dp_dlog_scale = np.where(first, -u * phi(u), np.where(last, l * phi(l), l * phi(l) - u * phi(u)))
+
+  def logp(x, mean, log_scale):
+    return vae.discretized_gaussian_log_prob(x, mean, log_scale, levels)
+
+  args = [jnp.asarray(a, jnp.float32) for a in (x, mean, log_scale)]
+  grads = jax.vmap(jax.grad(logp, (1, 2)))(*args)
+  for got, want, tol in [(logp(*args), np.log(p), 1e-4), (grads[0], dp_dmean / p, 1e-2),
+                         (grads[1], dp_dlog_scale / p, 1e-2)]:
+    assert np.max(np.abs(np.asarray(got) - want) / (np.abs(want) + 1)) < tol
+
+
 def test_kl_matches_monte_carlo():
   mu = jnp.array([[0.5, -1.0, 2.0]])
   logvar = jnp.array([[0.0, -1.0, 0.7]])
