@@ -214,26 +214,8 @@ def log_likelihood(setup: Setup, out, x):
   return jnp.sum(lp, axis=(-3, -2, -1))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
 def discretized_gaussian_log_prob(x, mean, log_scale, num_levels: int):
   """log P(x's bin) under N(mean, scale) cut into `num_levels` bins on [0, 1]."""
-  return _discretized_gaussian(x, mean, log_scale, num_levels)[0]
-
-
-@discretized_gaussian_log_prob.defjvp
-def _discretized_gaussian_jvp(num_levels, primals, tangents):
-  logp, d_mean, d_log_scale = _discretized_gaussian(*primals, num_levels)
-  t_x, t_mean, t_log_scale = tangents
-  return logp, d_mean * (t_mean - t_x) + d_log_scale * t_log_scale
-
-
-def _discretized_gaussian(x, mean, log_scale, num_levels: int):
-  """log P(x's bin) and its derivatives in mean and log_scale.
-
-  The derivatives are written out (d log(Phi(hi) - Phi(lo)) / d hi is
-  phi(hi) / P, taken in log space) where autodiff's, through every branch of
-  log_ndtr, made XLA:CPU one slow fused loop per output (benchmarks/README.md,
-  "The VAE's likelihood")."""
   half_bin = 0.5 / (num_levels - 1)
   inv_scale = jnp.exp(-jnp.clip(log_scale, -7.0, 7.0))
   upper = (x + half_bin - mean) * inv_scale
@@ -242,18 +224,12 @@ def _discretized_gaussian(x, mean, log_scale, num_levels: int):
   # log(Phi(u) - Phi(l)) on the side of the bin far from the tail: a bin above
   # the mean, or the last one, as log(Phi(-l) - Phi(-u)). Choosing the side
   # before the log_ndtr calls takes two per pixel, where computing both sides
-  # and choosing after takes four.
+  # and choosing after takes four (benchmarks/README.md: the likelihood).
   flip = ~first & (last | (lower > 0))
   hi, lo = jnp.where(flip, -lower, upper), jnp.where(flip, -upper, lower)
   log_hi = log_ndtr(hi)
   mid = log_hi + jnp.log1p(-jnp.exp(jnp.minimum(log_ndtr(lo) - log_hi, -1e-6)))
-  logp = jnp.where(first | last, log_hi, mid)
-  log_phi = lambda t: -0.5 * t * t - 0.5 * math.log(2 * math.pi)
-  d_hi = jnp.exp(log_phi(hi) - logp)
-  d_lo = jnp.where(first | last, 0.0, -jnp.exp(log_phi(lo) - logp))
-  d_mean = jnp.where(flip, inv_scale, -inv_scale) * (d_hi + d_lo)
-  d_log_scale = jnp.where(jnp.abs(log_scale) < 7.0, -(hi * d_hi + lo * d_lo), 0.0)
-  return logp, d_mean, d_log_scale
+  return jnp.where(first | last, log_hi, mid)
 
 
 def mean_image(setup: Setup, out):
