@@ -224,7 +224,7 @@ def discretized_gaussian_log_prob(x, mean, log_scale, num_levels: int):
   # log(Phi(u) - Phi(l)) on the side of the bin far from the tail: a bin above
   # the mean, or the last one, as log(Phi(-l) - Phi(-u)). Choosing the side
   # before the log_ndtr calls takes two per pixel, where computing both sides
-  # and choosing after takes four (benchmarks/README.md: the likelihood).
+  # and choosing after takes four (benchmarks/README.md, "The VAE's likelihood").
   flip = ~first & (last | (lower > 0))
   hi, lo = jnp.where(flip, -lower, upper), jnp.where(flip, -upper, lower)
   log_hi = log_ndtr(hi)
