@@ -1,7 +1,8 @@
-"""Diffusion family: an EDM denoiser or a rectified flow over a small U-Net, ODE samplers.
+"""Diffusion family: an EDM denoiser or a rectified flow over a small U-Net
+(genflax/models/unet.py), ODE samplers.
 
-Shapes: B batch, H W C image, D channels, E embedding width, L number of
-classes (conditional models), N sampler steps.
+Shapes: B batch, H W C image, L number of classes (conditional models), N
+sampler steps.
 
 Pixels are uint8 levels scaled to x in [-1, 1] (the GAN's range). Two
 objectives (`loss.kind`), one network F(x, noise level, label):
@@ -41,7 +42,6 @@ import dataclasses
 import math
 
 import diffrax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +49,7 @@ import optax
 
 from genflax import checks, data, metrics, optim, sharding, tasks
 from genflax.errors import ConfigError
-from genflax.models import conv, layers
+from genflax.models import conv, layers, unet
 from genflax.tasks import image_metrics
 
 KINDS = ("edm", "flow")
@@ -58,107 +58,13 @@ TIME_SAMPLING = ("uniform", "logit_normal")
 SIGMA_DATA = 0.5  # EDM's assumed standard deviation of the data, here on [-1, 1]
 
 
-# ---- Modules
-
-def level_embedding(level, width: int):
-  """Sinusoidal features of a noise level [B] (EDM's c_noise or the flow's t, both
-  O(1)) at frequencies 1 to 1000 -> [B, width]."""
-  freqs = jnp.exp(jnp.linspace(0.0, math.log(1000.0), width // 2))
-  angles = level[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
-
-
-class ResBlock(nn.Module):
-  features: int
-  conv: str = "xla"
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, emb):
-    """x [B, H, W, D_in], emb [B, E] -> [B, H, W, features]."""
-    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda: nn.GroupNorm(min(8, x.shape[-1]), **dtypes)
-    h = conv.Conv(self.features, (3, 3), impl=self.conv, **dtypes)(nn.silu(norm()(x)))
-    h = h + nn.Dense(self.features, **dtypes)(emb)[:, None, None, :]
-    h = nn.GroupNorm(min(8, self.features), **dtypes)(h)
-    h = conv.Conv(self.features, (3, 3), impl=self.conv, kernel_init=nn.initializers.zeros,
-                  **dtypes)(nn.silu(h))  # each block starts as the identity
-    if x.shape[-1] != self.features:
-      x = conv.Conv(self.features, (1, 1), impl=self.conv, **dtypes)(x)
-    return x + h
-
-
-class Attention(nn.Module):
-  """Self-attention over the pixels of the lowest resolution, residual."""
-  num_heads: int = 1
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, d = x.shape
-    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = nn.GroupNorm(min(8, d), **dtypes)(x).reshape(b, h * w, d)
-    y = nn.MultiHeadDotProductAttention(self.num_heads, out_kernel_init=nn.initializers.zeros,
-                                        **dtypes)(y, y)
-    return x + y.reshape(b, h, w, d)
-
-
-class UNet(nn.Module):
-  """A U-Net: per level `blocks` residual blocks, stride-2 convs down,
-  nearest-neighbour upsampling + conv up, skips concatenated."""
-  channels: tuple[int, ...]  # per resolution, full first; len - 1 halvings
-  blocks: int
-  attention: bool            # self-attention in the middle (the lowest resolution)
-  num_classes: int           # 0: unconditional; else label L means "none"
-  conv: str = "xla"
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, level, y=None):
-    """x [B, H, W, C], level [B], y [B] int in 0..L or None -> [B, H, W, C] (float32)."""
-    dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    block = lambda d: ResBlock(d, self.conv, **dtypes)
-    width = 4 * self.channels[0]
-    emb = nn.Dense(width, **dtypes)(level_embedding(level, self.channels[0]))
-    emb = nn.Dense(width, **dtypes)(nn.silu(emb))
-    if y is not None:
-      emb = emb + nn.Embed(self.num_classes + 1, width, **dtypes)(y)
-    emb = nn.silu(emb)                                                   # [B, E]
-    h = conv.Conv(self.channels[0], (3, 3), impl=self.conv, **dtypes)(x.astype(self.dtype))
-    skips = [h]
-    for i, d in enumerate(self.channels):
-      for _ in range(self.blocks):
-        h = block(d)(h, emb)
-        skips.append(h)
-      if i < len(self.channels) - 1:
-        h = conv.Conv(d, (3, 3), 2, impl=self.conv, **dtypes)(h)        # halves H, W
-        skips.append(h)
-    h = block(self.channels[-1])(h, emb)
-    if self.attention:
-      h = Attention(**dtypes)(h)
-    h = block(self.channels[-1])(h, emb)
-    for i, d in reversed(list(enumerate(self.channels))):
-      for _ in range(self.blocks + 1):
-        h = block(d)(jnp.concatenate([h, skips.pop()], -1), emb)
-      if i > 0:
-        h = jnp.repeat(jnp.repeat(h, 2, 1), 2, 2)                        # doubles H, W
-        h = conv.Conv(d, (3, 3), impl=self.conv, **dtypes)(h)
-    h = nn.silu(nn.GroupNorm(min(8, h.shape[-1]), **dtypes)(h))
-    out = conv.Conv(x.shape[-1], (3, 3), impl=self.conv, kernel_init=nn.initializers.zeros,
-                    **dtypes)(h)
-    return out.astype(jnp.float32)
-
-
 # ---- Setup and state
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
   config: object
   info: object
-  net: UNet
+  net: unet.UNet
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   mesh: jax.sharding.Mesh
@@ -220,8 +126,9 @@ def build(config, info) -> Setup:
                       f"need H and W divisible by {down}, got {h}x{w}")
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
-  net = UNet(tuple(m.channels), m.blocks, m.attention, info.num_classes if m.conditional else 0,
-             conv.conv_impl(m.get("conv", "auto"), info.image_shape[:2]), *layers.dtypes(m))
+  net = unet.UNet(tuple(m.channels), m.blocks, m.attention,
+                  info.num_classes if m.conditional else 0,
+                  conv.conv_impl(m.get("conv", "auto"), info.image_shape[:2]), *layers.dtypes(m))
   return Setup(config, info, net, optim.build(config.optim, config.train.num_steps),
                optim.schedule(config.optim, config.train.num_steps),
                sharding.make_mesh(config.mesh))
