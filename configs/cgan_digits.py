@@ -9,15 +9,10 @@ discriminator (`model.conditioning=concat` feeds the one-hot label as extra
 input channels instead). Variants as gan_digits.py, plus `concat` and `mlp`
 (the MLP networks of gan_digits.py).
 """
-import os
-import sys
+from genflax import configfile, defaults
 
-sys.path.insert(0, os.path.dirname(__file__))
-import dcgan_digits  # pylint: disable=g-import-not-at-top
-import gan_digits  # pylint: disable=g-import-not-at-top
-
-
-from genflax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-order
+dcgan_digits = configfile.sibling(__file__, "dcgan_digits")
+gan_digits = configfile.sibling(__file__, "gan_digits")
 
 VARIANTS = (*gan_digits.VARIANTS, "concat", "mlp")
 

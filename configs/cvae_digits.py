@@ -6,12 +6,9 @@
 The label goes (one-hot) into both the encoder and the decoder, so the
 latent code needs to carry only style; the bounds are of log p(x | label).
 """
-import os
-import sys
+from genflax import configfile
 
-sys.path.insert(0, os.path.dirname(__file__))
-import vae_digits  # pylint: disable=g-import-not-at-top
-
+vae_digits = configfile.sibling(__file__, "vae_digits")
 
 VARIANTS = vae_digits.VARIANTS
 

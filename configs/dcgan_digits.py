@@ -8,11 +8,9 @@ D: stride-2 convs 32, 64 -> dense logit. Kept small: XLA:CPU convolutions
 are slow (shared/DESIGN.md). Same variants as gan_digits.py (`hinge`,
 `wgan`, `r1`, `sn`, `smoke`).
 """
-import os
-import sys
+from genflax import configfile
 
-sys.path.insert(0, os.path.dirname(__file__))
-import gan_digits  # pylint: disable=g-import-not-at-top
+gan_digits = configfile.sibling(__file__, "gan_digits")
 
 VARIANTS = gan_digits.VARIANTS
 

@@ -16,11 +16,9 @@ the whole test split's size (10,000) at the end.
 Variants: those of dcgan_mnist.py (`conditional`, `hinge`, `wgan`, `r1`,
 `sn`, `smoke`).
 """
-import os
-import sys
+from genflax import configfile
 
-sys.path.insert(0, os.path.dirname(__file__))
-import dcgan_mnist  # pylint: disable=g-import-not-at-top
+dcgan_mnist = configfile.sibling(__file__, "dcgan_mnist")
 
 VARIANTS = dcgan_mnist.VARIANTS
 

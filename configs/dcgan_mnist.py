@@ -16,14 +16,9 @@ Variants as gan_digits.py (`conditional` adds labels as in cgan_digits.py).
 Tests run the smoke variant on Debian's Fashion-MNIST files and skip where
 they are not installed.
 """
-import os
-import sys
+from genflax import configfile, defaults
 
-sys.path.insert(0, os.path.dirname(__file__))
-import dcgan_digits  # pylint: disable=g-import-not-at-top
-
-
-from genflax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-order
+dcgan_digits = configfile.sibling(__file__, "dcgan_digits")
 
 VARIANTS = (*dcgan_digits.VARIANTS, "conditional")
 

@@ -14,11 +14,9 @@ steps would take about two days. FID uses the Fashion-MNIST feature network
 the end, so the scores compare with experiments/fashion_mnist; bits/dim
 compare with the VAEs' there. Variants: those of diffusion_digits.py.
 """
-import os
-import sys
+from genflax import configfile
 
-sys.path.insert(0, os.path.dirname(__file__))
-import diffusion_digits  # pylint: disable=g-import-not-at-top
+diffusion_digits = configfile.sibling(__file__, "diffusion_digits")
 
 VARIANTS = diffusion_digits.VARIANTS
 

@@ -11,14 +11,9 @@ bound is in bits/dim comparable with other models of the same data
 `conv` uses stride-2 convs 32, 64 to 7x7 and back; `conditional` gives both
 networks the labels. Variants combine with commas: `:conv,conditional`.
 """
-import os
-import sys
+from genflax import configfile, defaults
 
-sys.path.insert(0, os.path.dirname(__file__))
-import vae_digits  # pylint: disable=g-import-not-at-top
-
-
-from genflax import defaults  # pylint: disable=g-import-not-at-top,wrong-import-order
+vae_digits = configfile.sibling(__file__, "vae_digits")
 
 VARIANTS = (*vae_digits.VARIANTS, "conditional")
 

@@ -1,7 +1,8 @@
 """Experiment config files: `configs/NAME.py`, whose get_config(arg) returns a ConfigDict.
 
 Loaded here for `genflax.main`, the sweeps and the tests alike (no flags:
-importing this defines none).
+importing this defines none). A config builds on another through `sibling`,
+which loads the other file the same way (never through sys.path).
 """
 import contextlib
 import difflib
@@ -23,14 +24,26 @@ def load_config(spec: str):
 
 
 def load_module(path: str, where: str):
-  """The Python file at `path` (a config file), imported."""
+  """The Python file at `path` (a config file), imported as a module of its own
+  (`genflax_config.<file name>`; sys.path and sys.modules are left alone)."""
   if not os.path.isfile(path):
     raise ConfigError(f"{where}: there is no file {path!r}")
-  module_spec = importlib.util.spec_from_file_location("genflax_config", path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(f"genflax_config.{name}", path)
   module = importlib.util.module_from_spec(module_spec)
   with reported(path):
     module_spec.loader.exec_module(module)
   return module
+
+
+def sibling(path: str, name: str):
+  """The config file <name>.py in the directory of the config file `path`,
+  imported: how one config builds on another,
+
+      gan_digits = configfile.sibling(__file__, "gan_digits")
+
+  An error in it is reported with its own file and line, as any config's is."""
+  return load_module(os.path.join(os.path.dirname(path), f"{name}.py"), path)
 
 
 @contextlib.contextmanager

@@ -6,11 +6,15 @@ one interpreter that imported the libraries once (tests/helpers.py,
 cli_many), so 60 command lines cost seconds rather than minutes; one case
 is checked against a fresh `python -m genflax.main`.
 """
+import glob
 import hashlib
 import os
+import sys
 
 import pytest
 
+from genflax import configfile
+from genflax.errors import ConfigError
 from tests import helpers
 
 VAE, GAN, LM = "vae_digits.py:smoke", "gan_digits.py:smoke", "lm_shakespeare.py:smoke"
@@ -151,3 +155,45 @@ def test_a_config_file_that_fails_to_import_names_its_line(tmp_path):
   result = helpers.cli(f"--config={raising}", f"--workdir={tmp_path / 'w'}")
   assert result.stderr.strip() == f"error: {raising}:3: KeyError: 'model' (in the config file)"
   assert not (tmp_path / "w").exists()
+
+
+# ---- Configs that build on others
+
+CONFIGS = sorted(os.path.basename(p)[:-3]
+                 for p in glob.glob(os.path.join(helpers.ROOT, "configs", "*.py")))
+
+
+def test_every_config_loads_and_leaves_sys_path_alone():
+  """A config builds on a sibling through configfile.sibling: dcgan_fashion on
+  dcgan_mnist on dcgan_digits on gan_digits. Nothing is added to sys.path, and
+  no config lands in sys.modules, where a second one of the same name would find it."""
+  path = list(sys.path)
+  for name in CONFIGS:
+    for arg in ("", "smoke"):
+      helpers.config(name, arg)
+  assert sys.path == path
+  assert not [m for m in sys.modules if m.split(".")[0] in (*CONFIGS, "genflax_config")]
+  c = helpers.config("dcgan_fashion", "")
+  assert (c.task, c.model.arch, c.data.name, c.model.latent_dim) == ("gan", "dcgan",
+                                                                      "fashion_mnist", 100)
+
+
+def test_an_error_in_a_base_config_names_the_base_file_and_line(tmp_path):
+  child = tmp_path / "child.py"
+  child.write_text('from genflax import configfile\n\nbase = configfile.sibling(__file__, "base")\n\n'
+                   'def get_config(arg=""):\n  return base.get_config(arg)\n')
+  base = tmp_path / "base.py"
+  for text, error in [
+      ("x = 1\ndef get_config(arg=''):\n  return {\n", f"{base}:3: '{{' was never closed"),
+      ("import math\nx = math.nope\n", f"{base}:2: AttributeError: module 'math' has no "
+                                       "attribute 'nope'"),
+      ("def get_config(arg=''):\n  x = {}\n  return x['model']\n", f"{base}:3: KeyError: 'model'"),
+  ]:
+    base.write_text(text)
+    with pytest.raises(ConfigError) as e:
+      configfile.load_config(f"{child}:smoke")
+    assert str(e.value) == f"{error} (in the config file)"
+  base.unlink()
+  with pytest.raises(ConfigError) as e:
+    configfile.load_config(str(child))
+  assert str(e.value) == f"{child}: there is no file '{base}'"
