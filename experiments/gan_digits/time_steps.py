@@ -14,11 +14,10 @@ import time
 
 import jax
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from genflax import configfile, data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from genflax.tasks import gan  # pylint: disable=g-import-not-at-top,wrong-import-position
+from genflax import configfile, data
+from genflax.tasks import gan
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")  # where configs/ is
 DEFAULT = ("gan_digits", "dcgan_digits", "cgan_digits", "dcgan_digits:hinge",
            "dcgan_digits:r1", "dcgan_digits:sn,hinge", "dcgan_digits:wgan")
 
