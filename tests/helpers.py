@@ -1,5 +1,6 @@
 """What several test files share: loading configs and running the CLI."""
 import functools
+import glob
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from genflax import configfile, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 
 def config(name: str, arg: str = "smoke", **overrides):

@@ -6,7 +6,6 @@ one interpreter that imported the libraries once (tests/helpers.py,
 cli_many), so 60 command lines cost seconds rather than minutes; one case
 is checked against a fresh `python -m genflax.main`.
 """
-import glob
 import hashlib
 import os
 import sys
@@ -159,28 +158,27 @@ def test_a_config_file_that_fails_to_import_names_its_line(tmp_path):
 
 # ---- Configs that build on others
 
-CONFIGS = sorted(os.path.basename(p)[:-3]
-                 for p in glob.glob(os.path.join(helpers.ROOT, "configs", "*.py")))
-
-
 def test_every_config_loads_and_leaves_sys_path_alone():
   """A config builds on a sibling through configfile.sibling: dcgan_fashion on
   dcgan_mnist on dcgan_digits on gan_digits. Nothing is added to sys.path, and
   no config lands in sys.modules, where a second one of the same name would find it."""
   path = list(sys.path)
-  for name in CONFIGS:
+  for name in helpers.CONFIGS:
     for arg in ("", "smoke"):
       helpers.config(name, arg)
   assert sys.path == path
-  assert not [m for m in sys.modules if m.split(".")[0] in (*CONFIGS, "genflax_config")]
+  assert not [m for m in sys.modules if m.split(".")[0] in (*helpers.CONFIGS, "genflax_config")]
   c = helpers.config("dcgan_fashion", "")
   assert (c.task, c.model.arch, c.data.name, c.model.latent_dim) == ("gan", "dcgan",
                                                                       "fashion_mnist", 100)
 
 
 def test_an_error_in_a_base_config_names_the_base_file_and_line(tmp_path):
+  """A syntax error, an error at import and one in get_config, each in the base
+  a config builds on: the one-line ConfigError names the base's file and line."""
   child = tmp_path / "child.py"
-  child.write_text('from genflax import configfile\n\nbase = configfile.sibling(__file__, "base")\n\n'
+  child.write_text('from genflax import configfile\n\n'
+                   'base = configfile.sibling(__file__, "base")\n\n'
                    'def get_config(arg=""):\n  return base.get_config(arg)\n')
   base = tmp_path / "base.py"
   for text, error in [

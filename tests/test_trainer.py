@@ -1,5 +1,4 @@
 """The shared training loop: outputs, compile-once, resume, signals, NaN, sharding."""
-import glob
 import json
 import os
 import re
@@ -343,11 +342,7 @@ def test_batches_gathered_on_the_devices_train_like_batches_from_the_host(tmp_pa
   jax.tree.map(np.testing.assert_array_equal, params[0], params[256])
 
 
-CONFIGS = sorted(os.path.basename(p)[:-3]
-                 for p in glob.glob(os.path.join(helpers.ROOT, "configs", "*.py")))
-
-
-@pytest.mark.parametrize("name,arg", [(n, "smoke") for n in CONFIGS] + [("vae_digits", "conv,smoke")])
+@pytest.mark.parametrize("name,arg", [(n, "smoke") for n in helpers.CONFIGS] + [("vae_digits", "conv,smoke")])
 def test_every_config_smoke_variant_trains(tmp_path, name, arg):
   overrides = {}
   if name == "dcgan_mnist":  # any MNIST-format files: here Debian's Fashion-MNIST
