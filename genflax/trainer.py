@@ -27,6 +27,13 @@ A family is a module in `genflax.tasks` (named by `config.task`) with:
 The loop wraps the family's state as {"step", "rng", "task"}; the step's RNG
 is `fold_in(rng, step)`, so a batch (`Batches.get(step)`) and its randomness
 depend only on the step, and a resumed run repeats an uninterrupted one.
+
+`_train` reads as its sections, each a function below it in the order it runs:
+`_start` (the checkpoint manager, the workdir's checks, `build`, the state
+restored or created), `_train_loop` (`_steps`: each `_step`, logged by
+`_log_train`, checkpointed by `_save`, evaluated by the function that
+`_evaluator` compiles; the saves waited for on every way out) and `_end`
+(pruned, stopped, or the final evaluation and results.json).
 """
 import dataclasses
 import importlib
