@@ -27,6 +27,13 @@ A family is a module in `genflax.tasks` (named by `config.task`) with:
 The loop wraps the family's state as {"step", "rng", "task"}; the step's RNG
 is `fold_in(rng, step)`, so a batch (`Batches.get(step)`) and its randomness
 depend only on the step, and a resumed run repeats an uninterrupted one.
+
+`_train` reads as its sections, each a function below it in the order it runs:
+`_start` (the checkpoint manager, the workdir's checks, `build`, the state
+restored or created), `_train_loop` (`_steps`: each `_step`, logged by
+`_log_train`, checkpointed by `_save`, evaluated by the function that
+`_evaluator` compiles; the saves waited for on every way out) and `_end`
+(pruned, stopped, or the final evaluation and results.json).
 """
 import dataclasses
 import importlib
@@ -95,8 +102,38 @@ def train(config, workdir: str, on_eval: Callable | None = None) -> dict:
 
 
 def _train(config, workdir: str, on_eval, task, mesh) -> dict:
+  """`train` under the workdir's lock; its sections are the functions below."""
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
+  # ---- Start or resume
+  mngr, run, state, resumed_step = _start(config, workdir, task, mesh, log)
+  step = 0 if resumed_step is None else resumed_step
+  results_path = os.path.join(workdir, "results.json")
+  if step >= config.train.num_steps and os.path.exists(results_path):
+    log(f"already trained to step {step}; results in {results_path}")
+    with open(results_path) as f:
+      return json.load(f)
+  writer = metrics.Writer(workdir, resume_step=resumed_step)
+  evaluate = _evaluator(config, run, mesh, writer, log)
+  loop = _Loop(config, run, mngr, writer, log, evaluate, state, step)
+  if (resumed_step is not None and 0 < step < config.train.num_steps
+      and step % config.train.eval_every_steps == 0
+      and agree((step, "eval") not in writer.logged)):  # process 0 writes the history
+    evaluate(state, step)  # the interrupted run saved this step but did not finish its eval
+
+  # ---- Train loop
+  stop = StopRequest(mesh)
+  profile = Profiler(config.train.profile_steps, os.path.join(workdir, "profile"), log)
+  pruned = _train_loop(loop, stop, profile, on_eval)
+
+  # ---- The way out: pruned, stopped, or the final evaluation
+  return _end(loop, pruned, stop.reason, results_path)
+
+
+def _start(config, workdir: str, task, mesh, log):
+  """(mngr, run, state, resumed_step): the workdir's checkpoint manager, the
+  built run, and its state restored from the newest checkpoint (at
+  resumed_step) or, without one, created (resumed_step None)."""
   # ---- Checkpoints and the workdir's experiment
   mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
   checkpoints.check_workdir(workdir, config, mngr.latest_step())
@@ -105,37 +142,59 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
 
   # ---- Data, the family's setup, the state's layout, the compiled step
   run = build(config, workdir, task, mesh)
-  setup, info, feed, test_data = run.setup, run.info, run.feed, run.test_data
-  train_step, traces = run.train_step, run.traces
-  batch_sh, repl = feed.batch_sharding, sharding.replicated(mesh)
 
   # ---- State: created (or restored) straight into its shardings
   restored = restore(mngr, run, mesh, log, primary=jax.process_index() == 0)
   if restored is None:
     state = tasks.run_once(run.init, *tasks.run_keys(config.seed), out_shardings=run.state_sh)
-    step = 0
+    resumed_step = None
   else:
     state, meta = restored
-    step = int(meta["step"])
-    log(f"resumed from step {step} ({os.path.join(workdir, 'checkpoints')})")
-  log(describe(config, info, mesh, state))
+    resumed_step = int(meta["step"])
+    log(f"resumed from step {resumed_step} ({os.path.join(workdir, 'checkpoints')})")
+  log(describe(config, run.info, mesh, state))
   if run.auto:
     log(f"auto: {platform.describe(run.auto)}")
-  log(f"batches {feed}")
+  log(f"batches {run.feed}")
+  return mngr, run, state, resumed_step
 
-  # ---- Compiled evaluation and sampling
+
+@dataclasses.dataclass
+class _Loop:
+  """What the training loop's functions share: the run and where it writes,
+  then what changes as it trains."""
+  config: ml_collections.ConfigDict  # as given (run.setup.config has its `auto` values chosen)
+  run: "Run"
+  mngr: object               # checkpoints.manager's
+  writer: metrics.Writer
+  log: Callable
+  evaluate: Callable         # (state, step, final=False) -> values (`_evaluator`)
+  state: dict
+  step: int
+  # (step, device metrics) not yet fetched to the host
+  pending: list = dataclasses.field(default_factory=list)
+  saved_step: int = 0        # the newest checkpoint's step (restored or saved)
+  last_log_time: float = 0.  # the steps/s clock: when and at which step it last logged
+  last_log_step: int = 0
+
+
+def _evaluator(config, run: "Run", mesh, writer, log) -> Callable:
+  """evaluate(state, step, final=False) -> values: the compiled evaluation of the
+  whole test split and the samples, written out and logged."""
+  task, setup, test_data = run.task, run.setup, run.test_data
   eval_step = jax.jit(lambda s, b, r, final: task.eval_step(setup, s["task"], b, r, final),
                       static_argnums=3)
   samples_fn = jax.jit(lambda s, b, r: task.samples(setup, s["task"], b, r))
   eval_rng = jax.random.PRNGKey(config.seed + 1)  # the same samples at every eval
   sample_batch = {k: v[:config.eval.num_samples] for k, v in test_data.items()}
+  repl = sharding.replicated(mesh)
 
-  def run_eval(step, final=False):
+  def evaluate(state, step, final=False):
     if hasattr(task, "evaluate"):
       values = task.evaluate(setup, state["task"], test_data, eval_rng, final)
     else:
       values = evaluation.split_means(eval_step, state, test_data, config.eval.batch_size,
-                                      batch_sh, eval_rng, final)
+                                      run.feed.batch_sharding, eval_rng, final)
     writer.scalars(step, "final" if final else "eval", values)
     log(f"{'final eval' if final else 'eval'} step {step}  {metrics.format_values(values)}")
     samples = samples_fn(state, sharding.put_batch(sample_batch, repl), eval_rng)
@@ -146,104 +205,122 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
     writer.flush()
     return values
 
-  experiment = checkpoints.identity(json.loads(config.to_json_best_effort()))
+  return evaluate
 
-  def save(step):
-    checkpoints.save(mngr, step, state, {"step": step, "data_position": step,
-                                         "opt_layout": optim.layout(setup.config.train),
-                                         **experiment})
 
-  results_path = os.path.join(workdir, "results.json")
-  if step >= config.train.num_steps and os.path.exists(results_path):
-    log(f"already trained to step {step}; results in {results_path}")
-    with open(results_path) as f:
-      return json.load(f)
-  writer = metrics.Writer(workdir, resume_step=None if restored is None else step)
-  if (restored is not None and 0 < step < config.train.num_steps
-      and step % config.train.eval_every_steps == 0
-      and agree((step, "eval") not in writer.logged)):  # process 0 writes the history
-    run_eval(step)  # the interrupted run saved this step but did not finish its eval
-
-  # ---- Train loop
-  stop = StopRequest(mesh)
-  profile = Profiler(config.train.profile_steps, os.path.join(workdir, "profile"), log)
-  pending = []  # (step, device metrics) not yet fetched to the host
-  last_log_time, last_log_step, saved_step = time.time(), step, step
-  pruned = False
-  first_step = step + 1
+def _train_loop(loop: _Loop, stop, profile, on_eval) -> bool:
+  """The step loop, then a checkpoint of its last step; True if the sweep's
+  pruner stopped it. Every way out waits for the saves in flight."""
   try:
     try:
-      while step < config.train.num_steps and not stop.agreed(step):
-        profile(step, state)
-        inputs = feed.inputs(step)
-        with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
-          state, step_metrics = train_step(state, inputs)
-        # At most two steps in flight: the host waits for the previous step before
-        # it queues another. A deeper queue gains nothing once the devices are
-        # busy, and with several CPU devices in one process it can starve XLA's
-        # thread pool until an all-reduce waits forever for a device that never
-        # runs (seen with 2 devices on 2 cores within a few hundred steps).
-        if pending:
-          jax.block_until_ready(pending[-1][1])
-        step += 1
-        pending.append((step, step_metrics))
-        checkpoints.check(mngr)  # a background save that failed stops the run here (~1 us)
-        if step == first_step:  # Time the compilation apart from the steps/s.
-          jax.block_until_ready(state)
-          log(f"step {step}: train step compiled and ran in {time.time() - last_log_time:.1f}s")
-          last_log_time, last_log_step = time.time(), step
-        if step % config.train.log_every_steps == 0 or step == config.train.num_steps:
-          values = check_finite(pending)
-          now = time.time()
-          values.update(task.learning_rates(setup, step - 1))  # of the step just logged
-          eta = ""
-          if step > last_log_step:  # not the first step, whose time is the compilation's
-            rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
-            values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
-            eta = f"  ETA {metrics.format_duration((config.train.num_steps - step) / rate)}"
-          writer.scalars(step, "train", values)
-          log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}{eta}")
-          pending, last_log_time, last_log_step = [], now, step
-        paused = time.time()
-        if step % config.train.ckpt_every_steps == 0:
-          check_finite(pending)
-          save(step)
-          saved_step = step
-        if step % config.train.eval_every_steps == 0 and step < config.train.num_steps:
-          values = run_eval(step)
-          if on_eval is not None and agree(jax.process_index() == 0 and on_eval(step, values)):
-            pruned = True
-            break
-        last_log_time += time.time() - paused  # steps/s counts training only
+      pruned = _steps(loop, stop, profile, on_eval)
     finally:
-      profile(step, state, last=True)
+      profile(loop.step, loop.state, last=True)
       stop.close()
-    check_finite(pending)
-    if saved_step != step:
-      save(step)
+    check_finite(loop.pending)
+    if loop.saved_step != loop.step:
+      _save(loop)
   except NonFiniteLoss as e:
-    checkpoints.wait(mngr)
-    raise NonFiniteLoss(f"{e} {checkpoints.newest(mngr.directory)}. Lower the learning rate "
+    checkpoints.wait(loop.mngr)
+    raise NonFiniteLoss(f"{e} {checkpoints.newest(loop.mngr.directory)}. Lower the learning rate "
                         "(optim*.lr) or lengthen its warmup, then rerun.") from None
   finally:
-    checkpoints.wait(mngr)  # every way out commits the saves in flight
-  if traces[0] > 1:
-    log(f"warning: the train step was compiled {traces[0]} times (expected once)")
+    checkpoints.wait(loop.mngr)  # every way out commits the saves in flight
+  return pruned
+
+
+def _steps(loop: _Loop, stop, profile, on_eval) -> bool:
+  """Trains, logs, checkpoints and evaluates until train.num_steps or a stop
+  request; True if the sweep's pruner stopped it after an evaluation."""
+  train = loop.config.train
+  loop.last_log_time, loop.last_log_step, loop.saved_step = time.time(), loop.step, loop.step
+  first_step = loop.step + 1
+  while loop.step < train.num_steps and not stop.agreed(loop.step):
+    profile(loop.step, loop.state)
+    _step(loop)
+    if loop.step == first_step:  # Time the compilation apart from the steps/s.
+      jax.block_until_ready(loop.state)
+      loop.log(f"step {loop.step}: train step compiled and ran in "
+               f"{time.time() - loop.last_log_time:.1f}s")
+      loop.last_log_time, loop.last_log_step = time.time(), loop.step
+    if loop.step % train.log_every_steps == 0 or loop.step == train.num_steps:
+      _log_train(loop)
+    paused = time.time()
+    if loop.step % train.ckpt_every_steps == 0:
+      check_finite(loop.pending)
+      _save(loop)
+    if loop.step % train.eval_every_steps == 0 and loop.step < train.num_steps:
+      values = loop.evaluate(loop.state, loop.step)
+      if on_eval is not None and agree(jax.process_index() == 0 and on_eval(loop.step, values)):
+        return True
+    loop.last_log_time += time.time() - paused  # steps/s counts training only
+  return False
+
+
+def _step(loop: _Loop) -> None:
+  """Queues one train step; its metrics join loop.pending."""
+  inputs = loop.run.feed.inputs(loop.step)
+  with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
+    loop.state, step_metrics = loop.run.train_step(loop.state, inputs)
+  # At most two steps in flight: the host waits for the previous step before
+  # it queues another. A deeper queue gains nothing once the devices are
+  # busy, and with several CPU devices in one process it can starve XLA's
+  # thread pool until an all-reduce waits forever for a device that never
+  # runs (seen with 2 devices on 2 cores within a few hundred steps).
+  if loop.pending:
+    jax.block_until_ready(loop.pending[-1][1])
+  loop.step += 1
+  loop.pending.append((loop.step, step_metrics))
+  checkpoints.check(loop.mngr)  # a background save that failed stops the run here (~1 us)
+
+
+def _log_train(loop: _Loop) -> None:
+  """Writes and logs the means of the pending steps' metrics (raising on a
+  non-finite one), the learning rates, steps/s and the ETA."""
+  config, step = loop.config, loop.step
+  values = check_finite(loop.pending)
+  now = time.time()
+  values.update(loop.run.task.learning_rates(loop.run.setup, step - 1))  # of the step just logged
+  eta = ""
+  if step > loop.last_log_step:  # not the first step, whose time is the compilation's
+    rate = (step - loop.last_log_step) / max(now - loop.last_log_time, 1e-9)
+    values.update(steps_per_s=rate, examples_per_s=rate * config.data.batch_size)
+    eta = f"  ETA {metrics.format_duration((config.train.num_steps - step) / rate)}"
+  loop.writer.scalars(step, "train", values)
+  loop.log(f"step {step}/{config.train.num_steps}  {metrics.format_values(values)}{eta}")
+  loop.pending, loop.last_log_time, loop.last_log_step = [], now, step
+
+
+def _save(loop: _Loop) -> None:
+  """Starts a background save of the state at loop.step."""
+  experiment = checkpoints.identity(json.loads(loop.config.to_json_best_effort()))
+  checkpoints.save(loop.mngr, loop.step, loop.state,
+                   {"step": loop.step, "data_position": loop.step,
+                    "opt_layout": optim.layout(loop.run.setup.config.train), **experiment})
+  loop.saved_step = loop.step
+
+
+def _end(loop: _Loop, pruned: bool, stop_reason, results_path: str) -> dict:
+  """What train returns: where the pruner or a stop request stopped the run,
+  or the final evaluation (also written to results.json)."""
+  step, traces = loop.step, loop.run.traces[0]
+  if traces > 1:
+    loop.log(f"warning: the train step was compiled {traces} times (expected once)")
   if pruned:
-    log(f"stopped at step {step} by the sweep's pruner; checkpoint saved.")
-    writer.close()
-    return {"pruned_at": step, "train_step_traces": traces[0]}
-  if step < config.train.num_steps:
-    log(f"stopped by {stop.reason} at step {step}; checkpoint saved. "
-        f"Run the same command to resume.")
-    writer.close()
-    return {"interrupted_at": step, "train_step_traces": traces[0]}
-  results = run_eval(step, final=True)
-  results.update(step=step, num_params=num_params(state), train_step_traces=traces[0])
+    loop.log(f"stopped at step {step} by the sweep's pruner; checkpoint saved.")
+    loop.writer.close()
+    return {"pruned_at": step, "train_step_traces": traces}
+  if step < loop.config.train.num_steps:
+    loop.log(f"stopped by {stop_reason} at step {step}; checkpoint saved. "
+             f"Run the same command to resume.")
+    loop.writer.close()
+    return {"interrupted_at": step, "train_step_traces": traces}
+  results = loop.evaluate(loop.state, step, final=True)
+  results.update(step=step, num_params=num_params(loop.state), train_step_traces=traces)
   if jax.process_index() == 0:
     write_json(results_path, results)
-  writer.close()
-  mngr.close()
+  loop.writer.close()
+  loop.mngr.close()
   return results
 
 
