@@ -33,19 +33,26 @@ SHAPES = [
 def test_every_formulation_equals_flax(flax_cls, ours, h, w, k, strides, padding, c_in, c_out):
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, h, w, c_in)), jnp.float32)
   ref = flax_cls(c_out, (k, k), strides=strides, padding=padding)
-  params = ref.init(jax.random.key(0), x)
+  params = jax.jit(ref.init)(jax.random.key(0), x)
   params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias too
+  modules = {impl: ours(c_out, (k, k), strides, padding, impl=impl) for impl in IMPLS}
+  for impl, module in modules.items():
+    assert jax.tree.structure(jax.eval_shape(module.init, jax.random.key(0), x)) == \
+        jax.tree.structure(params), impl
   loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
-  want_y, want_g = jax.jit(ref.apply)(params, x), jax.jit(jax.grad(loss(ref), (0, 1)))(params, x)
-  for impl in IMPLS:
-    module = ours(c_out, (k, k), strides, padding, impl=impl)
-    assert jax.tree.structure(module.init(jax.random.key(0), x)) == jax.tree.structure(params)
-    y = jax.jit(module.apply)(params, x)
+
+  @jax.jit
+  def outputs(params, x):  # every module's output and gradients, compiled as one program
+    return {name: (module.apply(params, x), jax.grad(loss(module), (0, 1))(params, x))
+            for name, module in {"flax": ref, **modules}.items()}
+
+  got = outputs(params, x)
+  want_y, want_g = got.pop("flax")
+  for impl, (y, g) in got.items():
     assert y.shape == want_y.shape, impl
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5, err_msg=impl)
-    got_g = jax.jit(jax.grad(loss(module), (0, 1)))(params, x)
-    for got, want in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=impl)
+    for got_leaf, want_leaf in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
+      np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -61,14 +68,19 @@ def test_every_form_equals_xlas_convolution(transpose, h, w, k, strides, padding
   else:
     pads = tuple(map(tuple, jax.lax.padtype_to_pads((h, w), (k, k), strides, padding)))
     op = lambda form: lambda x, w: conv.conv_as(form, x, w, strides, pads)
-  grads = lambda form: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(op(form)(x, w))), (0, 1)))
-  want_y, want_g = jax.jit(op("xla"))(x, kernel), grads("xla")(x, kernel)
-  for form in conv.FORMS[1:]:
-    y = jax.jit(op(form))(x, kernel)
+  grad = lambda form: jax.grad(lambda x, w: jnp.sum(jnp.sin(op(form)(x, w))), (0, 1))
+
+  @jax.jit
+  def outputs(x, kernel):  # every form's output and gradients, compiled as one program
+    return {form: (op(form)(x, kernel), grad(form)(x, kernel)) for form in conv.FORMS}
+
+  got = outputs(x, kernel)
+  want_y, want_g = got.pop("xla")
+  for form, (y, g) in got.items():
     assert y.shape == want_y.shape, form
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5, err_msg=form)
-    for got, want in zip(grads(form)(x, kernel), want_g):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=form)
+    for got_leaf, want_leaf in zip(g, want_g):
+      np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-4, atol=1e-4, err_msg=form)
 
 
 def test_narrow_layers_gather_or_scatter_and_wide_ones_run_as_the_impl_says():
