@@ -178,7 +178,8 @@ def test_torch_reference_builds_genflax_networks_and_times_their_step(name, arg)
   """benchmarks.torch_reference's PyTorch networks have the genflax model's
   parameters, size for size (layouts differ), and its step trains and reports.
   Needs PyTorch, which genflax does not depend on."""
-  torch = pytest.importorskip("torch", reason="pip install torch (CPU) for the PyTorch reference")
+  torch = pytest.importorskip("torch", reason="the PyTorch reference needs PyTorch, which genflax "
+                              "does not depend on: pip install torch==2.13.0 (the CPU wheel)")
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   config = helpers.config(name, arg, **{"data.batch_size": 16})
   task = trainer.load_task(config.task)

@@ -37,7 +37,8 @@ def faults_per_call(choice: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="measures glibc's malloc settings: runs on Linux")
 def test_keep_reuses_the_temporaries_that_system_faults_in_on_every_call():
   assert faults_per_call("system") > 0.75 * PAGES  # glibc's default: the 64 MiB again each call
   assert faults_per_call("keep") < 0.05 * PAGES    # measured: 0-2 pages in most calls

@@ -222,7 +222,7 @@ def test_a_save_that_fails_stops_the_run_in_one_line_and_keeps_the_last_checkpoi
     workdir.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(workdir)],
                       capture_output=True, check=False).returncode:
-      pytest.skip("cannot mount a small tmpfs here (needs root)")
+      pytest.skip("cannot mount a small tmpfs here: run the tests as root, where mount is allowed")
     request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(workdir)], check=False))
   proc = _long_run(workdir)
   try:
@@ -231,7 +231,8 @@ def test_a_save_that_fails_stops_the_run_in_one_line_and_keeps_the_last_checkpoi
       if subprocess.run(["chattr", "+i", str(workdir / "checkpoints")], capture_output=True,
                         check=False).returncode:
         proc.kill()
-        pytest.skip("chattr +i does not work here (needs root and ext2/3/4)")
+        pytest.skip("chattr +i does not work here: run the tests as root, with the temporary "
+                    "directory on ext2/3/4 (chattr is in e2fsprogs)")
     else:
       subprocess.run(["dd", "if=/dev/zero", f"of={workdir}/fill", "bs=64k"], capture_output=True,
                      check=False)
