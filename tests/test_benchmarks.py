@@ -14,6 +14,7 @@ from genflax.tasks import vae
 from tests import helpers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arg", [("vae_digits", ""), ("vae_digits", "conv"),
                                       ("lm_shakespeare", "nano")])
 def test_hot_loop_reports_and_flops_match_xla(name, arg):
@@ -37,6 +38,7 @@ def test_hot_loop_reports_and_flops_match_xla(name, arg):
     assert results["decode_tokens_per_s_matvecs_only"] > results["decode_tokens_per_s_cached"]
 
 
+@pytest.mark.slow
 def test_hot_loop_runs_a_config_on_the_devices_main_gives_it(tmp_path):
   """The LM configs split the host into one device per core (cpu_devices=-1)
   under genflax.main; the benchmark of the config measures the same mesh,
@@ -68,6 +70,7 @@ def test_datasheet_peaks_of_known_accelerators():
   assert peak != peak
 
 
+@pytest.mark.slow
 def test_memory_plan_reads_the_compiled_step():
   """The pod plan's numbers are XLA's memory analysis of the compiled LM step:
   on 8 devices FSDP holds 1/8 of DP's parameters and AdamW moments (12 bytes
@@ -88,12 +91,14 @@ def test_memory_plan_reads_the_compiled_step():
   assert "| FSDP | 8 | 1, 8, 1 | 16 |" in memory_plan.markdown([{"plan": "FSDP", **fsdp}])
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace(tmp_path):
   trainer.train(helpers.config("vae_digits", **{"train.profile_steps": (2, 4)}), str(tmp_path))
   traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
   assert any(f.endswith(".xplane.pb") for f in traces), traces
 
 
+@pytest.mark.slow
 def test_profile_ops_splits_the_step_into_phases_and_kinds():
   config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 2,
                                                        "train.grad_allreduce": "flat"})
@@ -140,6 +145,7 @@ def test_matmul_shapes_do_the_layers_multiply_adds():
   assert conv.matmul_shapes((2, 8, 8, 3), (3, 3, 3, 5), 2, "SAME", False) == [(32, 27, 5)]
 
 
+@pytest.mark.slow
 def test_conv_layers_times_the_layers_matmuls_alone():
   result = helpers.cli("--layers", "vae8 dec convT 2", "--repeats", "1", "--matmuls",
                        module="benchmarks.conv_layers")
@@ -152,6 +158,7 @@ def test_conv_layers_times_the_layers_matmuls_alone():
   assert all(0 < float(c) for c in cells[3:]), row
 
 
+@pytest.mark.slow
 def test_conv_layers_times_every_form_and_marks_the_pick():
   result = helpers.cli("--layers", "vae8 dec conv out,dcgan8 G convT 2", "--repeats", "1", module="benchmarks.conv_layers")
   assert result.returncode == 0, result.stderr
@@ -165,12 +172,14 @@ def test_conv_layers_times_every_form_and_marks_the_pick():
                for v in cell.rstrip(" *").split(" / ")), row
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arg", [("vae_fashion", "conv"), ("dcgan_fashion", "")])
 def test_torch_reference_builds_genflax_networks_and_times_their_step(name, arg):
   """benchmarks.torch_reference's PyTorch networks have the genflax model's
   parameters, size for size (layouts differ), and its step trains and reports.
   Needs PyTorch, which genflax does not depend on."""
-  torch = pytest.importorskip("torch", reason="pip install torch (CPU) for the PyTorch reference")
+  torch = pytest.importorskip("torch", reason="the PyTorch reference needs PyTorch, which genflax "
+                              "does not depend on: pip install torch==2.13.0 (the CPU wheel)")
   from benchmarks import torch_reference  # pylint: disable=g-import-not-at-top
   config = helpers.config(name, arg, **{"data.batch_size": 16})
   task = trainer.load_task(config.task)

@@ -120,6 +120,7 @@ def bad_runs(workdir, tmp_path_factory):
                            for config, overrides, _ in BAD], tmp_path_factory.mktemp("bad"))
 
 
+@pytest.mark.slow
 def test_the_forking_cli_runs_main_as_the_command_line_does(workdir, tmp_path):
   w, _ = workdir
   args = [f"--config=configs/{VAE}", f"--workdir={w}", "--config.model.latent_dim=0"]
@@ -129,6 +130,7 @@ def test_the_forking_cli_runs_main_as_the_command_line_does(workdir, tmp_path):
       alone.returncode, alone.stdout, alone.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(BAD)),
                          ids=[f"{c.split('.')[0]}:{' '.join(o) or c}" for c, o, _ in BAD])
 def test_a_bad_value_is_one_line_before_any_work(workdir, bad_runs, case):

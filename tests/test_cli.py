@@ -66,6 +66,7 @@ def test_dataset_not_prepared(tmp_path):
   assert str(tmp_path / "tfds" / "mnist") in message and "tfds build mnist" in message
 
 
+@pytest.mark.slow
 def test_foreign_workdir_is_refused_and_left_intact(tmp_path):
   workdir = str(tmp_path)
   first = helpers.cli(SMOKE, f"--workdir={workdir}")
@@ -95,6 +96,7 @@ def test_how_the_gradient_is_computed_is_not_part_of_the_experiment():
   assert ours != ident(**{"model.variant": "nano"})
 
 
+@pytest.mark.slow
 def test_cpu_devices_splits_the_host_unless_the_environment_says(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = helpers.cli(SMOKE, f"--workdir={tmp_path / 'a'}", "--config.cpu_devices=2",
@@ -108,6 +110,7 @@ def test_cpu_devices_splits_the_host_unless_the_environment_says(tmp_path):
   assert "over 8 cpu devices" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_workdir_is_refused_until_the_first_is_gone(tmp_path):
   args = [SMOKE, f"--workdir={tmp_path}", "--config.train.num_steps=1000000",
           "--config.train.log_every_steps=1000", "--config.train.ckpt_every_steps=1000",
@@ -124,6 +127,7 @@ def test_a_second_run_in_the_same_workdir_is_refused_until_the_first_is_gone(tmp
   assert again.returncode == 0, again.stdout + again.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", ["workdir_file", "checkpoints_file"])
 def test_a_workdir_that_cannot_hold_checkpoints_is_refused_before_any_step(tmp_path, make):
   workdir = tmp_path / "w"

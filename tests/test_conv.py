@@ -26,6 +26,9 @@ SHAPES = [
     (9, 10, 3, 1, "SAME", 5, 2), (8, 9, 3, 2, "SAME", 9, 2), (7, 8, 4, 2, "VALID", 9, 2),
     (6, 7, 3, 2, "SAME", 9, 10),
 ]
+# The fast tier (-m "not slow") runs one of them, the smallest.
+QUICK = (5, 6, 2, 3, "SAME", 2, 2)
+SHAPES = [s if s == QUICK else pytest.param(*s, marks=pytest.mark.slow) for s in SHAPES]
 
 
 @pytest.mark.parametrize("flax_cls, ours", [(nn.Conv, conv.Conv), (nn.ConvTranspose, conv.ConvTranspose)])
@@ -104,6 +107,7 @@ WIDE = {"dcgan_digits": {"model.g_channels": (16, 12), "model.d_channels": (12, 
         "vae_digits": {"model.channels": (12, 12)}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, arg", [("dcgan_digits", "smoke"), ("vae_digits", "smoke,conv")])
 def test_train_step_with_matmul_or_forward_convs_equals_xla_convs(tmp_path, name, arg):
   results = {}
@@ -133,6 +137,7 @@ def test_train_step_with_matmul_or_forward_convs_equals_xla_convs(tmp_path, name
       np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5, err_msg=impl)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transpose", [False, True])
 def test_gradients_of_input_gradients_equal_xlas(transpose):
   """R1 and WGAN-GP differentiate D's input gradient w.r.t. D's parameters."""

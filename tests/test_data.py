@@ -281,6 +281,7 @@ def loaded_fashion():
   return data.load("fashion_mnist")
 
 
+@pytest.mark.slow
 def test_fashion_mnist_is_the_official_split(loaded_fashion):
   train, test, info = loaded_fashion
   assert info == data.DatasetInfo("fashion_mnist", (28, 28, 1), 10, 256, 60_000, 10_000)
@@ -295,6 +296,7 @@ def test_fashion_mnist_is_the_official_split(loaded_fashion):
   np.testing.assert_array_equal(train["label"], idx.read(files["train-labels-idx1-ubyte"]))
 
 
+@pytest.mark.slow
 def test_fashion_mnist_second_load_reuses_data(loaded_fashion, monkeypatch, tmp_path):
   root = os.path.join(os.environ["TFDS_DATA_DIR"], "fashion_mnist")
   before = _snapshot(root)
@@ -325,6 +327,7 @@ def test_fashion_mnist_missing_files_say_where_and_how(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "tfds")  # nothing half-made
 
 
+@pytest.mark.slow
 def test_fashion_mnist_missing_files_through_the_cli(tmp_path):
   """A fresh data dir: the tests' own has fashion_mnist prepared, so needs no files."""
   (tmp_path / "empty").mkdir()

@@ -105,6 +105,7 @@ def test_the_odes_log_likelihood_of_a_gaussians_exact_model_is_the_closed_form(k
   assert np.abs(np.mean(got - want)) < 2e-4
 
 
+@pytest.mark.slow
 def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional():
   setup, _, _ = _setup("conditional,smoke")
   params = helpers.init(diffusion, setup, jax.random.PRNGKey(0))["params"]
@@ -124,6 +125,7 @@ def test_guidance_zero_is_the_unconditional_model_and_one_the_conditional():
 
 # ---- Training
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["smoke", "flow,smoke"])
 def test_a_short_run_lowers_the_loss(arg):
   setup, train, _ = _setup(arg, **{"optim.warmup_steps": 20, "model.channels": (16, 32)})
@@ -140,6 +142,7 @@ def test_a_short_run_lowers_the_loss(arg):
   assert last < 0.9 * first, (first, last)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bitwise(tmp_path):
   """Steps 0-12 straight equal 0-6, an Orbax save and restore, then 6-12: the
   parameters, the optimizer state and the EMA survive, and so does the label
@@ -187,6 +190,7 @@ def conditional_runs(tmp_path_factory):
   return runs
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(conditional_runs):
   states = {d: jax.device_get(trainer.load_run(w)[2]) for d, (_, w) in conditional_runs.items()}
   # atol: a bias that feeds a one-channel-per-group GroupNorm (the last block's output at
@@ -199,6 +203,7 @@ def test_eight_devices_train_like_one(conditional_runs):
   assert fid[8] == pytest.approx(fid[1], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_the_sample_cli_draws_the_asked_label_with_guidance(conditional_runs, tmp_path):
   workdir = conditional_runs[1][1]
   out = tmp_path / "threes.png"

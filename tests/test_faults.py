@@ -19,7 +19,7 @@ import pytest
 from genflax import checkpoints, trainer
 from tests import helpers
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 KILLS = 10
 FAMILIES = {  # config, overrides: long enough for ten kills, saves every few steps

@@ -26,6 +26,7 @@ def _changed(a, b) -> bool:
 
 # ---- One step
 
+@pytest.mark.slow
 def test_each_update_changes_only_its_own_network():
   """With one optimizer's lr at 0, the other network alone moves: no gradient of
   D's loss reaches G's parameters, nor G's loss D's."""
@@ -48,6 +49,7 @@ def test_each_update_changes_only_its_own_network():
     assert int(new["step"]) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arg", [("gan_digits", "wgan,sn,smoke"),
                                       ("cgan_digits", "mlp,concat,hinge,smoke")])
 def test_loss_and_regulariser_variants_train(name, arg):
@@ -167,6 +169,7 @@ def test_feature_network_is_accurate_saved_and_reused(features):
   np.testing.assert_array_equal(again(x)[0], fn(x)[0])
 
 
+@pytest.mark.slow
 def test_feature_network_steps_default_to_three_epochs_and_others_are_kept_apart(tmp_path):
   assert image_metrics.train_steps(1437) == 400  # digits: the 400 every digits score used
   assert image_metrics.train_steps(60000) == 1407  # Fashion-MNIST: 3 epochs of 128
@@ -180,6 +183,7 @@ def test_feature_network_steps_default_to_three_epochs_and_others_are_kept_apart
 
 # ---- Training
 
+@pytest.mark.slow
 def test_short_dcgan_run_lowers_fid(features):
   setup, train, test = _setup("dcgan_digits", "", **{
       "model.g_channels": (32, 16), "model.d_channels": (16, 32)})
@@ -195,6 +199,7 @@ def test_short_dcgan_run_lowers_fid(features):
   assert scores["fid"] < 0.5 * scores["fid_init"]
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bitwise(tmp_path):
   """Steps 0-12 straight equal 0-6, an Orbax save and restore (genflax.checkpoints,
   as the trainer does), then 6-12: G, D, both optimizer states, EMA, the
@@ -227,6 +232,7 @@ def test_interrupted_run_resumes_bitwise(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
 
 
+@pytest.mark.slow
 def test_conditional_run_samples_one_class_from_the_cli(tmp_path):
   workdir = str(tmp_path / "run")
   config = helpers.config("cgan_digits", "mlp,smoke", **{
@@ -252,6 +258,7 @@ def test_fid_init_scores_the_generator_the_run_started_from(tmp_path, features):
   assert results["fid"] == results["fid_init"]
 
 
+@pytest.mark.slow
 def test_penalties_see_the_spectral_norm_the_loss_uses():
   """R1 and the gradient penalty differentiate the same normalised D as the
   loss: the penalty's D gives the loss's logits on the real images."""
@@ -270,6 +277,7 @@ def test_penalties_see_the_spectral_norm_the_loss_uses():
   assert not np.allclose(stale_d, logits[:8], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_over_8_devices_equals_one_device(tmp_path):
   """Both networks, both optimizers and the EMA: the batch split 8 ways changes
   only the summation order."""

@@ -36,7 +36,9 @@ def faults_per_call(choice: str) -> float:
   return statistics.median(int(line) for line in out.split())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="measures glibc's malloc settings: runs on Linux")
 def test_keep_reuses_the_temporaries_that_system_faults_in_on_every_call():
   assert faults_per_call("system") > 0.75 * PAGES  # glibc's default: the 64 MiB again each call
   assert faults_per_call("keep") < 0.05 * PAGES    # measured: 0-2 pages in most calls
@@ -50,6 +52,7 @@ def test_auto_keeps_on_one_cpu_device_only(monkeypatch):
   assert hostmem.resolve("auto", 0) == "system"
 
 
+@pytest.mark.slow
 def test_a_bad_choice_is_one_line_before_anything_runs(tmp_path):
   result = helpers.cli("--config=configs/vae_digits.py:smoke", f"--workdir={tmp_path / 'w'}",
                        "--config.host_malloc=tcmalloc")

@@ -130,6 +130,7 @@ def test_every_parameter_has_logical_axis_names():
   assert not any(m for k, m in flat.items() if "embed" in k or "norm" in k or "bias" in k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("positions,attention", [("learned", "einsum"), ("rotary", "einsum"),
                                                 ("learned", "dot_product_attention")])
 def test_kv_cache_gives_the_logits_of_full_recomputation(positions, attention):
@@ -148,6 +149,7 @@ def test_kv_cache_gives_the_logits_of_full_recomputation(positions, attention):
   assert decode._cache_size() == 1  # one compilation for every position
 
 
+@pytest.mark.slow
 def test_greedy_decoding_never_copies_the_kv_cache():
   """XLA:CPU updates the [B*H, S, K] cache in place and reads it as it is;
   with a [B, S, H, K] cache it copied every layer's keys and values at every
@@ -172,6 +174,7 @@ def _stacked(params, num_layers):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers, remat", [(True, "dots"), (False, "full")])
 def test_scanned_and_rematerialised_blocks_equal_the_unrolled_model(scan_layers, remat):
   """model.scan_layers (one block scanned over stacked parameters) and
@@ -202,6 +205,7 @@ def test_scanned_and_rematerialised_blocks_equal_the_unrolled_model(scan_layers,
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rematerialisation_keeps_fewer_activations():
   """What the backward pass keeps, from the compiled gradient's temporaries:
   full < dots < none."""
@@ -216,6 +220,7 @@ def test_rematerialisation_keeps_fewer_activations():
   assert temp["full"] < temp["dots"] < temp["none"], temp
 
 
+@pytest.mark.slow
 def test_written_out_attention_equals_jax_dot_product_attention():
   q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 3, 8))
   causal = jnp.tril(jnp.ones((7, 7), bool))
@@ -238,6 +243,7 @@ def test_row_major_dense_gradients_equal_xla_gradients(features):
                grads("row_major"), grads("xla"))
 
 
+@pytest.mark.slow
 def test_row_major_dense_grads_compile_to_row_major_matmuls():
   """XLA writes the MLP's weight gradients as dots contracting the left
   operand's leading axis (a slow path on XLA:CPU); model.dense_grads=row_major
@@ -255,6 +261,7 @@ def test_row_major_dense_grads_compile_to_row_major_matmuls():
   assert mlp_dot_contractions("row_major") == {"1": 12}              # 2 layers x 2 x 3 matmuls
 
 
+@pytest.mark.slow
 def test_changing_a_future_token_leaves_earlier_logits_alone():
   setup, state = _setup(**{"model.positions": "rotary", "model.norm": "rmsnorm",
                            "model.tie_embeddings": False})
@@ -266,6 +273,7 @@ def test_changing_a_future_token_leaves_earlier_logits_alone():
   assert not np.allclose(a[:, 10:], b[:, 10:])
 
 
+@pytest.mark.slow
 def test_greedy_decoding_is_deterministic_and_matches_recomputation():
   setup, state = _setup()
   params = state["params"]
@@ -296,6 +304,7 @@ def test_top_k_and_top_p_keep_the_likeliest_tokens():
   assert set(np.asarray(draws).reshape(-1).tolist()) == {0, 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("microbatches", [1, 4])
 def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
   """On a (data 2, fsdp 2, tensor 2) mesh: the planned layout, and the same step.
@@ -331,6 +340,7 @@ def test_sharding_rules_split_parameters_and_keep_the_maths(microbatches):
 
 
 
+@pytest.mark.slow
 def test_sampling_on_a_sharded_mesh_picks_the_one_device_tokens():
   """Greedy decoding past the context (cache restarts) with parameters split
   over (data 2, fsdp 2, tensor 2): the cache folds the tensor-sharded heads
@@ -348,6 +358,7 @@ def test_sampling_on_a_sharded_mesh_picks_the_one_device_tokens():
   assert len(set(np.asarray(want)[0, -40:].tolist())) > 1  # not one repeated token
 
 
+@pytest.mark.slow
 def test_flat_allreduce_step_equals_the_one_device_step():
   """train.grad_allreduce=flat over 8 devices, 2 microbatches: the model runs
   inside shard_map without its layout constraints, and the update is the
@@ -371,6 +382,7 @@ def test_flat_allreduce_step_equals_the_one_device_step():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                got["params"], want["params"])
 
+@pytest.mark.slow
 def test_reduce_scatter_step_equals_the_one_device_step():
   """train.grad_allreduce=reduce_scatter over 8 devices, 2 microbatches: the
   optimizer state split 8 ways, one reduce-scatter in and one all-gather
@@ -409,6 +421,7 @@ def test_reduce_scatter_step_equals_the_one_device_step():
 
 # ---- Training, and sampling from a trained run
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_short_run():
   setup, state = _setup(**{"optim.lr": 3e-3, "optim.warmup_steps": 5, "train.num_steps": 80})
   windows = lm.windows(setup.info.tokenizer.encode(_train_text()[:200_000]), 16)
@@ -452,6 +465,7 @@ def test_sample_cli_continues_several_prompts(smoke_run):
   assert texts[0].startswith("0\nROMEO:") and texts[1].startswith("1\nJULIET\nO")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag,message", [
     ("--top_p=0", "--top_p=0.0: must be in (0, 1]"),
     ("--temperature=-0.5", "--temperature=-0.5: must be >= 0"),
@@ -484,6 +498,7 @@ def test_sizes_written_out_are_variants():
     lm.variant(helpers.config("lm_shakespeare", **{"model.variant": "L4-D100-H3"}))
 
 
+@pytest.mark.slow
 def test_evaluation_in_batches_that_do_not_divide_the_split_counts_every_window_once(tmp_path):
   """64 eval windows in batches of 24 (the last padded with 8 copies, masked) on 8
   devices give the means of one batch of all 64."""

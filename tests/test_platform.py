@@ -123,6 +123,7 @@ def written(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("written_on, resumed_on, layouts", [
     ("data8", {"mesh.data": 1}, ("flat", "tree")),                    # onto one device
     ("data8", {"mesh.data": 2, "mesh.fsdp": 4}, ("flat", "tree")),    # onto a 2x4 mesh
@@ -154,6 +155,7 @@ def test_checkpoint_resumes_on_another_mesh_and_layout(written, tmp_path, capsys
       layouts[1]
 
 
+@pytest.mark.slow
 def test_relayout_round_trips_the_optimizer_state():
   """Flat vectors -> per-parameter arrays -> Flat vectors is the identity, and
   the per-parameter form has the structure `init` gives that layout."""

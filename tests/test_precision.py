@@ -11,6 +11,8 @@ from genflax import tasks, tokenizers, trainer
 from genflax.tasks import lm
 from tests import helpers
 
+pytestmark = pytest.mark.slow
+
 STEPS = 30
 
 # (config, variant, overrides, loss metric, the fraction of its first value the

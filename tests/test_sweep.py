@@ -156,7 +156,7 @@ def test_a_trial_pinned_to_one_core_splits_no_more_devices_than_it_has():
 
 # ---- Checks before any trial
 
-@pytest.mark.parametrize("args,expected", [
+BAD_SWEEPS = [
     (["--param", "model.latent_dimm=[2, 4]"],
      ["unknown --param key 'model.latent_dimm'", "did you mean model.latent_dim"]),
     (["--param", "model.latent_dim=[2, four]"], ["'four' is not a valid int for model.latent_dim"]),
@@ -178,7 +178,13 @@ def test_a_trial_pinned_to_one_core_splits_no_more_devices_than_it_has():
     (["--param", ':arch=["", conv]', "--param", "model.channels=[(), (8,)]"],
      ["the trial with :arch=conv, model.channels=() would stop", "(at least one)"]),
     (["--param", ":arch=[convv]"], ["unknown variant 'convv' in ':smoke,convv'"]),
-])
+]
+# Each case is a command of its own: the fast tier (-m "not slow") runs the first.
+BAD_SWEEPS = BAD_SWEEPS[:1] + [pytest.param(*case, marks=pytest.mark.slow)
+                               for case in BAD_SWEEPS[1:]]
+
+
+@pytest.mark.parametrize("args,expected", BAD_SWEEPS)
 def test_bad_sweeps_stop_before_any_trial(tmp_path, args, expected):
   message = _error(sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll", *args))
   for text in expected:
@@ -260,6 +266,7 @@ def test_the_report_tables_equal_the_trials_results(grid_sweep, tmp_path):
     assert (tmp_path / f"{png}.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_sweep_runs_nothing_and_another_sweep_is_refused(grid_sweep):
   workdir, _ = grid_sweep
   again = sweep_cli(f"--workdir={workdir}")
@@ -271,6 +278,7 @@ def test_rerunning_a_finished_sweep_runs_nothing_and_another_sweep_is_refused(gr
   assert len(trials(workdir)) == 4
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
   """SIGKILL to the sweep command mid-trial: its worker and trial get SIGTERM (the
   trial saves a checkpoint); the same command then resumes that trial, with no
@@ -308,6 +316,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tmp_path):
   assert json.load(open(first / "results.json"))["step"] == 1500
 
 
+@pytest.mark.slow
 def test_the_median_pruner_stops_a_clearly_worse_trial(tmp_path):
   """lr=1e-9 hardly trains: at its first evaluation it is worse than the median of
   the two trials before it, and stops there, keeping its checkpoint and metrics."""
@@ -333,6 +342,7 @@ def test_the_median_pruner_stops_a_clearly_worse_trial(tmp_path):
 
 # ---- Cluster, database and dashboard
 
+@pytest.mark.slow
 def test_slurm_dry_run_prints_the_job_array(tmp_path):
   result = sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll", "--param=seed=[0, 1, 2]",
                      "--launcher=slurm", "--workers=3", "--slurm", "partition=gpu",
@@ -347,6 +357,7 @@ def test_slurm_dry_run_prints_the_job_array(tmp_path):
   assert "--slurm gpus=...: not an sbatch setting" in message and "gpus_per_node" in message
 
 
+@pytest.mark.slow
 def test_the_slurm_array_runs_through_submitit_here(tmp_path):
   """The same job array as on a cluster, through submitit's local executor; its two
   workers draw different learning rates from the same seeded random sampler."""
@@ -388,6 +399,7 @@ def postgres():
   shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_postgresql_storage_holds_the_study(postgres, tmp_path):
   """A database study, then continued from the workdir alone with one more trial."""
   result = sweep_cli(SMOKE, f"--workdir={tmp_path}", "--metric=iwae_nll", "--param=seed=int(0, 99)",
@@ -406,6 +418,7 @@ def test_a_postgresql_storage_holds_the_study(postgres, tmp_path):
   assert report.returncode == 0 and "2 trials" in report.stdout, report.stderr
 
 
+@pytest.mark.slow
 def test_the_dashboard_shows_the_trials_in_a_browser(grid_sweep):
   chromium = shutil.which("chromium")
   if not chromium:

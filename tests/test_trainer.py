@@ -88,6 +88,7 @@ def test_rerun_of_a_finished_run_keeps_its_results(smoke_run):
   assert again["neg_elbo"] == results["neg_elbo"]
 
 
+@pytest.mark.slow
 def test_interrupted_runs_resume_bitwise(tmp_path):
   """SIGTERM, then SIGKILL, then resume: parameters equal an uninterrupted run."""
   overrides = {"train.num_steps": 40, "train.ckpt_every_steps": 5,
@@ -131,6 +132,7 @@ def _history(workdir: str) -> list[tuple[str, int]]:
   return [(r["split"], r["step"]) for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_redoes_the_eval_its_checkpoint_step_missed(tmp_path):
   """Killed between the save at step 10 and its eval: the resumed run evaluates
   step 10 first; rows written after the checkpoint (and a torn line) are dropped."""
@@ -154,6 +156,7 @@ def test_a_resumed_run_redoes_the_eval_its_checkpoint_step_missed(tmp_path):
   assert evals == [r for r in rows if r["split"] == "eval"]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
   workdir = str(tmp_path)
   trainer.train(helpers.config("vae_digits", **{"train.num_steps": 8}), workdir)
@@ -173,6 +176,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, after[1], before[1])
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_before_any_checkpoint_names_none(tmp_path):
   result = helpers.cli("--config=configs/vae_digits.py:smoke", f"--workdir={tmp_path}",
                        "--config.optim.lr=1e30", "--config.optim.warmup_steps=0",
@@ -181,6 +185,7 @@ def test_a_non_finite_loss_before_any_checkpoint_names_none(tmp_path):
   assert "no checkpoint has been saved yet" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_an_error_right_after_a_save_still_commits_it(tmp_path):
   """The eval after the save at step 8 fails: the save in flight is waited for."""
   def fail(step, values):
@@ -205,6 +210,7 @@ def _wait_for(path, proc):
     time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["read_only", "full"])
 def test_a_save_that_fails_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(
     tmp_path, how, request):
@@ -216,7 +222,7 @@ def test_a_save_that_fails_stops_the_run_in_one_line_and_keeps_the_last_checkpoi
     workdir.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(workdir)],
                       capture_output=True, check=False).returncode:
-      pytest.skip("cannot mount a small tmpfs here (needs root)")
+      pytest.skip("cannot mount a small tmpfs here: run the tests as root, where mount is allowed")
     request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(workdir)], check=False))
   proc = _long_run(workdir)
   try:
@@ -225,7 +231,8 @@ def test_a_save_that_fails_stops_the_run_in_one_line_and_keeps_the_last_checkpoi
       if subprocess.run(["chattr", "+i", str(workdir / "checkpoints")], capture_output=True,
                         check=False).returncode:
         proc.kill()
-        pytest.skip("chattr +i does not work here (needs root and ext2/3/4)")
+        pytest.skip("chattr +i does not work here: run the tests as root, with the temporary "
+                    "directory on ext2/3/4 (chattr is in e2fsprogs)")
     else:
       subprocess.run(["dd", "if=/dev/zero", f"of={workdir}/fill", "bs=64k"], capture_output=True,
                      check=False)
@@ -246,6 +253,7 @@ def test_a_save_that_fails_stops_the_run_in_one_line_and_keeps_the_last_checkpoi
   assert _params(str(workdir))[0] == 500
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["cut_data", "lost_metadata", "lost_manifest", "lost_meta"])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(tmp_path, damage):
   workdir = tmp_path
@@ -274,6 +282,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(tmp
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "12.unreadable", "8"]
 
 
+@pytest.mark.slow
 def test_with_no_readable_checkpoint_the_run_refuses_and_says_how_to_start_afresh(tmp_path):
   trainer.train(helpers.config("vae_digits", **{"train.num_steps": 8}), str(tmp_path))
   os.remove(tmp_path / "results.json")
@@ -318,6 +327,7 @@ def test_one_process_saves_replicated_arrays_without_compiling(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
 
 
+@pytest.mark.slow
 def test_sharded_over_8_devices_equals_one_device(tmp_path):
   assert jax.device_count() == 8
   runs = {}
@@ -333,6 +343,7 @@ def test_sharded_over_8_devices_equals_one_device(tmp_path):
   assert runs[8]["neg_elbo"] == pytest.approx(runs[1]["neg_elbo"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_batches_gathered_on_the_devices_train_like_batches_from_the_host(tmp_path):
   params = {}
   for mb in (0, 256):
@@ -342,6 +353,7 @@ def test_batches_gathered_on_the_devices_train_like_batches_from_the_host(tmp_pa
   jax.tree.map(np.testing.assert_array_equal, params[0], params[256])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arg", [(n, "smoke") for n in helpers.CONFIGS] + [("vae_digits", "conv,smoke")])
 def test_every_config_smoke_variant_trains(tmp_path, name, arg):
   overrides = {}
@@ -412,6 +424,7 @@ def _assert_two_trained_like_one(args, tmp_path, key, rel):
     assert two_results[key] == pytest.approx(one_results[key], rel=rel)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   """jax.distributed over two local processes (2 CPU devices each) vs one process with 4.
 
@@ -441,6 +454,7 @@ def test_two_processes_train_like_one(tmp_path):
   _assert_two_trained_like_one(args, tmp_path, "neg_elbo", 1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["flat", "reduce_scatter"])
 def test_two_processes_with_one_flat_collective_train_like_one(tmp_path, how):
   """train.grad_allreduce=flat|reduce_scatter across processes (gloo): the
@@ -454,6 +468,7 @@ def test_two_processes_with_one_flat_collective_train_like_one(tmp_path, how):
   _assert_two_trained_like_one(args, tmp_path, None, None)
 
 
+@pytest.mark.slow
 def test_two_processes_set_a_damaged_checkpoint_aside_together(tmp_path):
   """The newest checkpoint's data files cut in half: both processes
   call it unreadable, process 0 moves it aside, both resume from the one
@@ -475,6 +490,7 @@ def test_two_processes_set_a_damaged_checkpoint_aside_together(tmp_path):
   assert json.load(open(tmp_path / "results.json")) == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gan_digits", "lm_shakespeare"])
 def test_two_processes_train_the_gan_and_the_lm_like_one(tmp_path, name):
   """The GAN's feature network and the LM's tokenizer are made once, by
@@ -521,6 +537,7 @@ def _allreduced_arrays(hlo_text: str) -> list[list[str]]:
   return [re.findall(r"\w+\[[\d,]*\]", op) for op in ops]
 
 
+@pytest.mark.slow
 def test_flat_allreduce_averages_the_devices_gradients_in_one_buffer():
   """train.grad_allreduce=flat on 8 devices (4 batch rows each, 2 microbatches):
   the one-device gradient and means; one all-reduce of one gradient buffer
@@ -567,6 +584,7 @@ def test_flat_allreduce_needs_replicated_parameters():
     trainer.check_step(config, sharding.make_mesh(config.mesh))
 
 
+@pytest.mark.slow
 def test_reduce_scatter_runs_resume_like_uninterrupted_ones(tmp_path):
   """train.grad_allreduce=reduce_scatter on 8 devices: the optimizer state is
   split over them, checkpointed and restored so; 8 + 8 steps equal 16."""

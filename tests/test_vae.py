@@ -36,6 +36,7 @@ def trained():
   return setup, state, test_batch, before, after
 
 
+@pytest.mark.slow
 def test_elbo_improves_by_a_wide_margin(trained):
   _, _, _, before, after = trained
   neg_elbo_before = float(before["neg_elbo"].mean())
@@ -47,6 +48,7 @@ def test_elbo_improves_by_a_wide_margin(trained):
   assert neg_elbo_after < 0.65 * neg_elbo_before
 
 
+@pytest.mark.slow
 def test_iwae_bound_is_tighter_than_elbo(trained):
   setup, state, test_batch, _, after = trained
   k = setup.config.eval.iwae_k
@@ -62,6 +64,7 @@ def test_iwae_bound_is_tighter_than_elbo(trained):
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_discretized_gaussian_is_a_distribution_over_levels():
   levels = 17
   x = jnp.arange(levels, dtype=jnp.float32) / (levels - 1)  # every level
@@ -72,6 +75,7 @@ def test_discretized_gaussian_is_a_distribution_over_levels():
     assert bool(jnp.all(jnp.isfinite(logp)))
 
 
+@pytest.mark.slow
 def test_discretized_gaussian_matches_float64_into_the_tails():
   """log P(x's bin) and its gradients against the bin's probability in float64,
   for means from within the bin to 35 scales from it, on both sides and at the
@@ -112,7 +116,9 @@ def test_kl_matches_monte_carlo():
   assert float(vae.kl_to_prior(mu, logvar)[0]) == pytest.approx(float(mc), abs=0.02)
 
 
-@pytest.mark.parametrize("arch,conditional", [("mlp", True), ("conv", False), ("conv", True)])
+@pytest.mark.parametrize("arch,conditional", [
+    ("mlp", True), pytest.param("conv", False, marks=pytest.mark.slow),
+    pytest.param("conv", True, marks=pytest.mark.slow)])
 def test_variants_give_image_grids(arch, conditional):
   setup, _, test = _setup(**{"model.arch": arch, "model.conditional": conditional,
                              "model.hidden": (16,), "model.channels": (4, 8)})
@@ -138,6 +144,7 @@ def test_conditional_decoder_uses_the_label():
   assert not np.allclose(out[0], out[1])
 
 
+@pytest.mark.slow
 def test_row_major_dense_grads_give_the_same_step_without_transposed_matmuls():
   """model.dense_grads=row_major: the step XLA's gradients give, and no dot in
   the compiled step contracts its left operand's leading axis (XLA:CPU's slow
@@ -160,7 +167,8 @@ def test_row_major_dense_grads_give_the_same_step_without_transposed_matmuls():
                state["params"], xla_state["params"])
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
+@pytest.mark.parametrize("likelihood", [pytest.param("gaussian", marks=pytest.mark.slow),
+                                        "bernoulli"])
 def test_bits_per_dimension_only_for_a_likelihood_of_the_discrete_pixels(likelihood):
   setup, _, test = _setup(**{"model.likelihood": likelihood, "model.hidden": (16,),
                              "model.latent_dim": 2, "eval.iwae_k": 2})
