@@ -115,7 +115,8 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
       return json.load(f)
   writer = metrics.Writer(workdir, resume_step=resumed_step)
   evaluate = _evaluator(config, run, mesh, writer, log)
-  loop = _Loop(config, run, mngr, writer, log, evaluate, state, step)
+  experiment = checkpoints.identity(json.loads(config.to_json_best_effort()))
+  loop = _Loop(config, run, mngr, writer, log, evaluate, experiment, state, step)
   if (resumed_step is not None and 0 < step < config.train.num_steps
       and step % config.train.eval_every_steps == 0
       and agree((step, "eval") not in writer.logged)):  # process 0 writes the history
@@ -169,6 +170,7 @@ class _Loop:
   writer: metrics.Writer
   log: Callable
   evaluate: Callable         # (state, step, final=False) -> values (`_evaluator`)
+  experiment: dict           # checkpoints.identity of the config, in every save's metadata
   state: dict
   step: int
   # (step, device metrics) not yet fetched to the host
@@ -293,10 +295,9 @@ def _log_train(loop: _Loop) -> None:
 
 def _save(loop: _Loop) -> None:
   """Starts a background save of the state at loop.step."""
-  experiment = checkpoints.identity(json.loads(loop.config.to_json_best_effort()))
   checkpoints.save(loop.mngr, loop.step, loop.state,
                    {"step": loop.step, "data_position": loop.step,
-                    "opt_layout": optim.layout(loop.run.setup.config.train), **experiment})
+                    "opt_layout": optim.layout(loop.run.setup.config.train), **loop.experiment})
   loop.saved_step = loop.step
 
 
