@@ -104,11 +104,12 @@ def test_narrow_layers_gather_or_scatter_and_wide_ones_run_as_the_impl_says():
 
 # Channels that give every form a layer: narrow in (patches), narrow out (scatter), wide.
 WIDE = {"dcgan_digits": {"model.g_channels": (16, 12), "model.d_channels": (12, 16)},
-        "vae_digits": {"model.channels": (12, 12)}}
+        "vae_digits": {"model.channels": (12, 12)}, "diffusion_digits": {}}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, arg", [("dcgan_digits", "smoke"), ("vae_digits", "smoke,conv")])
+@pytest.mark.parametrize("name, arg", [("dcgan_digits", "smoke"), ("vae_digits", "smoke,conv"),
+                                       ("diffusion_digits", "smoke")])
 def test_train_step_with_matmul_or_forward_convs_equals_xla_convs(tmp_path, name, arg):
   results = {}
   for impl in IMPLS:
