@@ -6,6 +6,8 @@ set here, at import, and the subprocesses that tests start inherit them.
 import os
 import tempfile
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 # Tests never read or write the user's ~/tensorflow_datasets.
@@ -15,3 +17,15 @@ os.environ["PYTHONUNBUFFERED"] = "1"
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_collection_modifyitems(items):
+  """With pytest-xdist (the suite runs on every core, `--dist loadgroup`), the tests of
+  a file that use its fixtures of module or session scope (a trained run, a sweep) run
+  in one worker, which makes each fixture once; every other test goes to whichever
+  worker is free."""
+  for item in items:
+    shared = {defs[-1].baseid for defs in item._fixtureinfo.name2fixturedefs.values()
+              if defs and defs[-1].scope != "function" and defs[-1].baseid.startswith("tests")}
+    if shared:
+      item.add_marker(pytest.mark.xdist_group(min(shared)))
