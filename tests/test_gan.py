@@ -148,6 +148,9 @@ def test_fid_matches_scipy_and_is_zero_for_a_set_with_itself():
           == image_metrics.precision_recall(a, b) != (1.0, 1.0))
   probs = np.eye(10)[np.arange(200) % 10]  # confident and balanced: the maximum
   assert image_metrics.inception_score(probs) == pytest.approx(10.0, rel=1e-6)
+  probs[:150] = np.eye(10)[3] * 0.6 + 0.04  # three quarters called 3, each with p 0.64
+  np.testing.assert_allclose(image_metrics.class_shares(probs),
+                             [0.025] * 3 + [0.775] + [0.025] * 6)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +182,21 @@ def test_feature_network_steps_default_to_three_epochs_and_others_are_kept_apart
   assert 0.1 < accuracy < 0.9  # 5 steps: far from the default network's 0.989
   image_metrics.load_or_train(str(tmp_path), train, test, info, steps=400)  # the default's count
   assert sorted(os.listdir(tmp_path / "genflax_features")) == ["digits", "digits-steps5"]
+
+
+def test_class_coverage_shows_a_generator_that_draws_one_class(features):
+  train, test, info = data.load("digits")
+  ref = image_metrics.reference(helpers.config("dcgan_digits", ""), train, test, info, 360)
+  real = image_metrics.scale(test["image"], info.num_levels)
+  balanced = image_metrics.scores(ref, real)
+  shares = [balanced[f"class_share_{k}"] for k in range(10)]
+  assert sum(shares) == pytest.approx(1.0)
+  # The 360 test digits hold 35 to 37 of each class; the network is 98.9% accurate.
+  assert balanced["class_share_max"] == max(shares) < 0.12
+  assert balanced["class_share_max_real"] == balanced["class_share_max"]
+  threes = image_metrics.scores(ref, real[test["label"] == 3])
+  assert threes["class_share_max"] == threes["class_share_3"] > 0.9
+  assert threes["class_share_max_real"] == balanced["class_share_max"]
 
 
 # ---- Training

@@ -13,7 +13,10 @@ so scores compare across runs. It trains for `train_steps(num_train)`
 batches unless a config asks for another count (`eval.feature_steps`, e.g.
 a smoke test's few), which is then kept apart, under `<dataset>-steps<N>/`. Its penultimate layer [N, F] is the feature
 space of FID, KID and precision/recall; its class probabilities give the
-Inception-Score-style score.
+Inception-Score-style score and the class coverage: the share of samples it
+assigns to each class (`class_share_<k>`) and the largest share
+(`class_share_max`; the test split's own is `class_share_max_real`), so a
+generator that collapses onto a few classes shows in its metrics.
 
 The set statistics are computed on the host in NumPy, FID's and KID's in
 float64 (FID's matrix square root is ill-conditioned in float32 for a few
@@ -180,7 +183,8 @@ def reference(config, train, test, info, n: int, cache: dict | None = None) -> d
     real, real_probs = features(scale(test["image"], info.num_levels))
     cache["image_metrics.real"] = {"features": features, "accuracy": accuracy, "real": real,
                                    "real_radii": knn_radii(real),
-                                   "is_real": inception_score(real_probs)}
+                                   "is_real": inception_score(real_probs),
+                                   "class_share_max_real": class_shares(real_probs).max()}
   side = cache["image_metrics.real"]
   floor, _ = side["features"](scale(train["image"][:n], info.num_levels))
   return {**side, "fid_floor": fid(floor, side["real"]), "kid_floor": kid(floor, side["real"])}
@@ -191,10 +195,13 @@ def scores(ref: dict, images) -> dict:
   test split, with the reference's floors and the feature network's accuracy."""
   fake, probs = ref["features"](images)
   precision, recall = precision_recall(ref["real"], fake, real_radii=ref["real_radii"])
+  shares = class_shares(probs)
   return {"fid": fid(fake, ref["real"]), "fid_floor": ref["fid_floor"],
           "kid": kid(fake, ref["real"]), "kid_floor": ref["kid_floor"],
           "is": inception_score(probs), "is_real": ref["is_real"],
           "precision": precision, "recall": recall,
+          "class_share_max": shares.max(), "class_share_max_real": ref["class_share_max_real"],
+          **{f"class_share_{k}": share for k, share in enumerate(shares)},
           "feature_net_test_accuracy": ref["accuracy"]}
 
 
@@ -237,6 +244,11 @@ def inception_score(probs) -> float:
   p = np.clip(probs, 1e-12, 1.0)
   marginal = p.mean(0, keepdims=True)
   return float(np.exp(np.mean(np.sum(p * (np.log(p) - np.log(marginal)), 1))))
+
+
+def class_shares(probs) -> np.ndarray:
+  """[L]: the share of the images [N] whose most probable class is each class."""
+  return np.bincount(np.argmax(probs, -1), minlength=probs.shape[-1]) / len(probs)
 
 
 def precision_recall(real, fake, k: int = 3, real_radii=None) -> tuple[float, float]:
