@@ -54,6 +54,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.update(
       fid_samples=0,               # generated images per eval; 0 = the test split's size
       final_fid_samples=0,         # at the end of training; 0 = the test split's size
+      final_fid_draws=1,           # independent sets of samples at the end: mean and sd
       final_fid_steps=(4, 8, 18, 50),  # also FID at these sampler steps at the end
       feature_steps=0,             # the feature network's steps; 0 = the default (image_metrics)
       final_nll=True,              # test bits/dim through the probability-flow ODE at the end

@@ -37,6 +37,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       conditional=False,           # label embedding into G and D
       conditioning="projection",   # how D sees the label: projection | concat
       spectral_norm="sn" in variants,
+      g_norm="none",               # none | batch: G's batch norm (the batch's own statistics)
+      d_minibatch_std=False,       # D sees its batch's feature std (ProGAN's minibatch std)
       conv="auto",                 # auto | xla | matmul (auto: matmul on CPU; genflax/models/conv.py)
       dtype="float32",             # compute: float32 | bfloat16 (params, losses stay float32)
       param_dtype="float32",       # parameters, optimizer state and the EMA generator
@@ -59,6 +61,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.update(
       fid_samples=0,               # generated images per eval; 0 = the test split's size
       final_fid_samples=0,         # at the end of training; 0 = the test split's size
+      final_fid_draws=1,           # independent sets of samples at the end: mean and sd
       # Training steps of the feature network FID uses (trained once per dataset
       # and kept in the data dir); 0 = the default, max(400, 3 epochs), which
       # every score in experiments/ used (genflax/tasks/image_metrics.py).

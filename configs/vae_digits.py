@@ -41,11 +41,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # after (train -ELBO keeps falling), so the default stops there.
   c.train.update(num_steps=2000, log_every_steps=100, eval_every_steps=500,
                  ckpt_every_steps=500)
-  c.eval.update(iwae_k=64, final_iwae_k=1000, iwae_chunk=100)
+  c.eval.update(
+      iwae_k=64, final_iwae_k=1000, iwae_chunk=100,
+      fid_samples=0,               # prior samples scored per eval (FID...); 0 = the test split's size
+      final_fid_samples=0,         # at the end of training; 0 = the test split's size
+      final_fid_draws=1,           # independent sets of samples at the end: mean and sd
+      feature_steps=0,             # the feature network's steps; 0 = the default (image_metrics)
+  )
   if "smoke" in variants:
     defaults.smoke(c)
     c.model.update(hidden=(32,), channels=(8, 8), latent_dim=4)
-    c.eval.update(iwae_k=4, final_iwae_k=8)
+    c.eval.update(iwae_k=4, final_iwae_k=8, fid_samples=64, final_fid_samples=120)
   return c
 
 

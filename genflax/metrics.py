@@ -110,14 +110,15 @@ def tile(grid: np.ndarray, pad: int = 1) -> np.ndarray:
   return out
 
 
-def save_png(path: str, picture: np.ndarray, min_size: int = 256) -> None:
-  """Saves a [H, W, C] float picture in [0, 1]; small ones are enlarged (nearest)."""
+def save_png(path, picture: np.ndarray, min_size: int = 256) -> None:
+  """Saves a [H, W, C] float picture in [0, 1] (path: a name or a binary file); small
+  ones are enlarged (nearest)."""
   scale = max(1, math.ceil(min_size / max(picture.shape[:2])))
   pixels = np.clip(picture * 255 + 0.5, 0, 255).astype(np.uint8)
   pixels = pixels.repeat(scale, 0).repeat(scale, 1)
   if pixels.shape[-1] == 1:
     pixels = pixels[..., 0]
-  Image.fromarray(pixels).save(path)
+  Image.fromarray(pixels).save(path, format="PNG")
 
 
 def sample_grid(num: int, label, num_classes: int | None):
@@ -141,10 +142,27 @@ def sample_grid(num: int, label, num_classes: int | None):
 
 
 def save_sample_grid(path: str, images, rows: int, cols: int) -> None:
-  """images [rows * cols, H, W, C] in [0, 1] -> one PNG grid at path."""
+  """images [rows * cols, H, W, C] in [0, 1] -> one PNG grid at path (parents made,
+  written whole or not at all)."""
   images = np.asarray(jax.device_get(images))
-  save_png(path, tile(images.reshape(rows, cols, *images.shape[1:])))
+  picture = tile(images.reshape(rows, cols, *images.shape[1:]))
+  write_atomically(path, lambda f: save_png(f, picture))
   print(f"wrote {rows * cols} samples to {path}")
+
+
+def write_atomically(path: str, write) -> None:
+  """write(file object) into a temporary file beside path, then renamed onto path:
+  a kill at any moment leaves the old file or the new one. Parent folders are made."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def format_duration(seconds: float) -> str:

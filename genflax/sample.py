@@ -4,6 +4,12 @@ Loads the run's config and its latest checkpoint, then hands the flags to
 the family's `generate` (images for VAE, GAN and diffusion, `--label` for
 conditional models, `--steps` and `--guidance` for diffusion's sampler;
 text from `--prompt` for language models).
+
+Images go to a PNG grid, or with `--out samples.npz` to arrays any other
+tool can score: `images` uint8 [N, H, W, C] in the dataset's levels and,
+for a conditional model, `labels` [N]:
+
+    python -m genflax.sample --workdir runs/x --num 10000 --out samples.npz
 """
 import sys
 
@@ -14,7 +20,8 @@ from genflax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
 flags.DEFINE_integer("num", 64, "How many samples.")
-flags.DEFINE_string("out", "samples.png", "Output file.")
+flags.DEFINE_string("out", "samples.png", "Output file: images as a PNG grid, or as arrays "
+                    "(images, labels) if it ends in .npz (language models print their text).")
 flags.DEFINE_integer("label", None, "Class to condition on (conditional models); default: a row per class.")
 flags.DEFINE_multi_string("prompt", ["\n"], "Prompt(s) for language models; repeat to batch.")
 flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate after each prompt.")

@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
-from genflax import configfile, tasks
+import numpy as np
+
+from genflax import configfile, tasks, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -81,3 +83,19 @@ def cli_many(commands: list[list[str]], tmpdir, timeout: float = 600) -> list[su
   read = lambda i, name: open(os.path.join(tmpdir, f"{i}.{name}")).read()
   return [subprocess.CompletedProcess(argv, int(read(i, "rc")), read(i, "stdout"), read(i, "stderr"))
           for i, argv in enumerate(commands)]
+
+
+def sample_arrays(workdir: str, out, num: int, *flags: str) -> dict:
+  """`genflax.sample --out OUT.npz` of a trained image run: its arrays, checked against
+  the run's dataset (uint8 levels in its image shape, labels where conditional)."""
+  result = cli("--workdir", workdir, "--num", str(num), "--out", str(out), *flags,
+               module="genflax.sample")
+  assert result.returncode == 0, result.stderr
+  assert f"wrote {num} samples to {out}" in result.stdout
+  _, setup, _, _ = trainer.load_run(workdir)
+  arrays = dict(np.load(out))
+  images = arrays["images"]
+  assert images.dtype == np.uint8 and images.shape == (num, *setup.info.image_shape)
+  assert images.max() < setup.info.num_levels and images.std() > 0
+  assert ("labels" in arrays) == setup.config.model.conditional
+  return arrays

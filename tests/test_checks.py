@@ -64,6 +64,8 @@ BAD = [  # (config, overrides, what the error says)
     (VAE, ["seed=-1"], "seed=-1: must be an integer >= 0"),
     ("vae_digits.py:smoke,nosuch", [], "unknown variant 'nosuch' in ':smoke,nosuch'"),
     (GAN, ["loss.kind=lsgan"], "loss.kind='lsgan': expected one of ('ns', 'hinge', 'wgan')"),
+    (GAN, ["model.g_norm=group"], "model.g_norm='group': expected one of ('none', 'batch')"),
+    (GAN, ["eval.final_fid_draws=0"], "eval.final_fid_draws=0: must be an integer >= 1"),
     (GAN, ["loss.n_critic=0"], "loss.n_critic=0: must be an integer >= 1"),
     (GAN, ["loss.ema_decay=1.5"], "loss.ema_decay=1.5: must be a finite number >= 0 and < 1"),
     (GAN, ["loss.r1_every=0"], "loss.r1_every=0: must be an integer >= 1"),

@@ -221,3 +221,9 @@ def test_the_sample_cli_draws_the_asked_label_with_guidance(conditional_runs, tm
   refused = helpers.cli("--workdir", workdir, "--steps", "0", "--out", str(out),
                         module="genflax.sample")
   assert refused.returncode == 2 and "--steps=0 must be >= 1" in refused.stderr
+  # As data, with the run's own sampler: the images its evaluation scores.
+  arrays = helpers.sample_arrays(workdir, tmp_path / "samples.npz", 250)
+  np.testing.assert_array_equal(arrays["labels"], np.arange(250) % 10)
+  want = diffusion.generate_images(setup, state["ema"], 250, jax.random.PRNGKey(0),
+                                   setup.config.sample.steps)
+  np.testing.assert_array_equal(arrays["images"], np.rint((want + 1) / 2 * 16))

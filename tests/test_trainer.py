@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from genflax import checkpoints, checks, data, optim, sharding, trainer
 from genflax.data import fashion_mnist
+from genflax.tasks import vae
 from genflax.errors import ConfigError
 from tests import helpers
 
@@ -47,6 +48,9 @@ def test_run_writes_metrics_images_checkpoints_and_config(smoke_run):
   workdir, results = smoke_run
   assert results["step"] == 12
   assert results["neg_elbo"] > 0 and results["iwae_nll"] > 0
+  # The prior samples scored as every image family's are (120 of them at the end).
+  assert results["fid_floor"] < results["fid"] < 1e4 and 0 <= results["recall"] <= 1
+  assert sum(results[f"class_share_{k}"] for k in range(10)) == pytest.approx(1.0)
   assert json.load(open(os.path.join(workdir, "results.json")))["step"] == 12
   config = json.load(open(os.path.join(workdir, "config.json")))
   assert config["task"] == "vae" and config["train"]["num_steps"] == 12
@@ -384,6 +388,13 @@ def test_sample_cli_writes_a_grid_from_the_latest_checkpoint(smoke_run, tmp_path
   result = helpers.cli("--workdir", workdir, "--label", "3", "--out", str(out),
                        module="genflax.sample")
   assert result.returncode == 2 and "--label needs a conditional model" in result.stderr
+  # As data, in folders made for it: the decoder's mean images, as the run's API draws them.
+  out = tmp_path / "new" / "folder" / "samples.npz"
+  images = helpers.sample_arrays(workdir, out, 250, "--seed", "5")["images"]
+  _, setup, state, _ = trainer.load_run(workdir)
+  want = vae.generate_images(setup, state["params"], 250, jax.random.PRNGKey(5))
+  np.testing.assert_array_equal(images, np.rint((want + 1) / 2 * 16))
+  assert os.listdir(out.parent) == ["samples.npz"]  # no temporary file left
 
 
 

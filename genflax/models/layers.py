@@ -18,6 +18,7 @@ bfloat16 compute, the families keep in float32 what needs its range or
 precision: losses and likelihoods, softmax and log-softmax, normalisation
 statistics (Flax's norms reduce in float32), spectral norm's power iteration.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -81,3 +82,44 @@ def row_major_dot_general(lhs, rhs, dimension_numbers, precision=None,
       or preferred_element_type is not None):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
   return row_major_matmul(lhs, rhs)
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation by the batch's own statistics, in training and sampling
+  alike (no running averages, so no state beside the parameters): each channel
+  (the last axis) of x [B, ..., C] normalised over every other axis, in float32,
+  then scaled and shifted. Under a sharded batch the statistics are the whole
+  batch's. A generator's samples then depend on the other samples of their batch,
+  as the DCGAN's did in training; genflax draws them in fixed batches
+  (image_metrics.generate)."""
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    h = x.astype(jnp.float32)
+    axes, shape = tuple(range(h.ndim - 1)), (1,) * (h.ndim - 1) + (c,)
+    mean = jnp.mean(h, axes, keepdims=True)
+    var = jnp.mean(jnp.square(h - mean), axes, keepdims=True)
+    h = (h - mean) * jax.lax.rsqrt(var + self.epsilon)
+    h = h * scale.astype(jnp.float32).reshape(shape) + bias.astype(jnp.float32).reshape(shape)
+    return h.astype(self.dtype)
+
+
+def minibatch_std(h, group: int = 4):
+  """ProGAN's minibatch standard deviation: h [B, ..., C] with one more channel that
+  holds, for each group of `group` consecutive examples (the largest size up to it
+  that divides B), the mean over features of their standard deviation (float32), so
+  a discriminator sees how varied its inputs are (a collapsed generator's are not).
+  Consecutive groups keep the halves of a [real; fake] batch apart."""
+  b = h.shape[0]
+  g = next(k for k in range(min(group, b), 0, -1) if b % k == 0)
+  grouped = h.astype(jnp.float32).reshape(b // g, g, *h.shape[1:])
+  std = jnp.sqrt(jnp.var(grouped, 1) + 1e-8)                  # [B / g, ...]
+  std = jnp.repeat(jnp.mean(std, tuple(range(1, std.ndim))), g)  # [B]
+  plane = jnp.broadcast_to(std.reshape(b, *(1,) * (h.ndim - 1)), (*h.shape[:-1], 1))
+  return jnp.concatenate([h, plane.astype(h.dtype)], -1)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genflax import checks, data, metrics, optim, sharding, tasks
+from genflax import checks, data, optim, sharding, tasks
 from genflax.errors import ConfigError
 from genflax.models import conv, layers, unet
 from genflax.tasks import image_metrics
@@ -108,9 +108,7 @@ def check(config) -> None:
   if s.guidance != 1 and not m.conditional:
     raise ConfigError(f"sample.guidance={s.guidance}: guidance needs a conditional model "
                       "(model.conditional=True); use 1")
-  checks.integer(config, "eval.fid_samples", 0)
-  checks.integer(config, "eval.final_fid_samples", 0)
-  checks.integer(config, "eval.feature_steps", 0)
+  image_metrics.check(config)
   checks.sizes(config, "eval.final_fid_steps")
   checks.boolean(config, "eval.final_nll")
   checks.integer(config, "eval.nll_images", 0)
@@ -213,26 +211,29 @@ def drift(setup: Setup, params, y, guidance: float):
   return guided
 
 
-def sample_grid(kind: str, steps: int, sample_cfg):
+def sample_grid(kind: str, steps, sample_cfg, length: int | None = None):
   """The N + 1 values of tau a sampler visits: EDM's sigmas (N of them, then 0) or
-  the flow's t = 0, 1/N, ..., 1 (float32 [N + 1])."""
+  the flow's t = 0, 1/N, ..., 1 (float32 [length]). N = steps may be traced when the
+  static `length` >= N + 1 is given; the grid holds its last value from N on."""
+  i = jnp.arange(steps + 1 if length is None else length)
   if kind == "flow":
-    return jnp.linspace(0.0, 1.0, steps + 1)
+    return jnp.minimum(i, steps) / steps
   s = sample_cfg
-  i = jnp.arange(steps) / max(steps - 1, 1)
   lo, hi = s.sigma_min ** (1 / s.rho), s.sigma_max ** (1 / s.rho)
-  return jnp.append((hi + i * (lo - hi)) ** s.rho, 0.0)
+  sigmas = (hi + i / jnp.maximum(steps - 1, 1) * (lo - hi)) ** s.rho
+  return jnp.where(i < steps, sigmas, 0.0)
 
 
-def solve(f, noise, grid, rng, sampler: str, edm: bool, churn: float = 0.0):
+def solve(f, noise, grid, rng, sampler: str, edm: bool, churn: float = 0.0, steps=None):
   """Integrates dx/dtau = f(x, tau) along grid [N + 1] from noise [B, ...] (scaled by
-  grid[0] for EDM, whose start is N(0, sigma_max^2)) -> x at grid[N]."""
-  steps = grid.shape[0] - 1
-  gamma = min(churn / steps, math.sqrt(2.0) - 1.0)
+  grid[0] for EDM, whose start is N(0, sigma_max^2)) -> x at grid[N]. steps: N, which
+  may be traced, with the grid padded past it (default: the grid's length - 1)."""
+  steps = grid.shape[0] - 1 if steps is None else steps
+  gamma = jnp.minimum(churn / steps, math.sqrt(2.0) - 1.0)
 
   def step(i, x):
     tau, nxt = grid[i], grid[i + 1]
-    if gamma:  # EDM's churn: raise sigma by a factor 1 + gamma with fresh noise first
+    if churn:  # EDM's churn: raise sigma by a factor 1 + gamma with fresh noise first
       hat = tau * (1 + gamma)
       eps = jax.random.normal(jax.random.fold_in(rng, i), x.shape)
       x, tau = x + jnp.sqrt(hat**2 - tau**2) * eps, hat
@@ -281,11 +282,15 @@ def log_likelihood(kind: str, f, x, sample_cfg, rng, tolerance: float):
   return prior + divergence
 
 
-def sample(setup: Setup, params, noise, y, rng, steps: int, guidance: float):
-  """Images [B, H, W, C] in [-1, 1] from noise [B, H, W, C] with the config's sampler."""
+def sample(setup: Setup, params, noise, y, rng, steps, guidance: float,
+           max_steps: int | None = None):
+  """Images [B, H, W, C] in [-1, 1] from noise [B, H, W, C] with the config's sampler at
+  `steps`, which may be traced where a static max_steps bounds it (one program for
+  every step count up to it)."""
   kind, s = setup.config.loss.kind, setup.config.sample
-  x = solve(drift(setup, params, y, guidance), noise, sample_grid(kind, steps, s), rng,
-            s.sampler, kind == "edm", s.churn)
+  grid = sample_grid(kind, steps, s, None if max_steps is None else max_steps + 1)
+  x = solve(drift(setup, params, y, guidance), noise, grid, rng, s.sampler, kind == "edm",
+            s.churn, steps)
   return jnp.clip(x, -1.0, 1.0)
 
 
@@ -352,36 +357,29 @@ def train_flops(setup: Setup) -> float:
 
 # ---- Evaluation and samples
 
-def labels_for(setup: Setup, start: int, n: int):
-  """Balanced labels start..start + n (mod L) for a conditional model, else None."""
-  if not setup.config.model.conditional:
-    return None
-  return jnp.arange(start, start + n) % setup.info.num_classes
+def draw(setup: Setup, guidance: float, max_steps: int):
+  """draw(params, rng, labels [n] or None, steps, n) -> images [n, H, W, C] in [-1, 1]
+  with the config's sampler at any `steps` up to max_steps, guided by `guidance`,
+  compiled once for each n (setup.cache)."""
+  key = ("draw", guidance, max_steps)
+  if key not in setup.cache:
+    def fn(params, rng, y, steps, n):
+      z = jax.random.normal(rng, (n, *setup.info.image_shape))
+      return sample(setup, params, z, y, jax.random.fold_in(rng, 1), steps, guidance,
+                    max_steps)
+    setup.cache[key] = jax.jit(fn, static_argnums=4)
+  return setup.cache[key]
 
 
 def generate_images(setup: Setup, params, n: int, rng, steps: int):
-  """n images [n, H, W, C] in [-1, 1] (NumPy) with the config's sampler at `steps`, in
-  fixed-size chunks (one compilation per step count)."""
-  key = ("generate", steps)
-  if key not in setup.cache:
-    guidance = setup.config.sample.guidance
-    setup.cache[key] = jax.jit(lambda p, z, y, r: sample(setup, p, z, y, r, steps, guidance))
-  chunk, outs = image_metrics.CHUNK, []
-  for start in range(0, n, chunk):
-    r = jax.random.fold_in(rng, start)
-    z = jax.random.normal(r, (chunk, *setup.info.image_shape))
-    outs.append(setup.cache[key](params, z, labels_for(setup, start, chunk),
-                                 jax.random.fold_in(r, 1)))
-  return np.concatenate(jax.device_get(outs))[:n]
-
-
-def reference(setup: Setup, test: dict, n: int) -> dict:
-  key = ("reference", n)
-  if key not in setup.cache:
-    train, _, _ = datasets(setup.config, "")
-    setup.cache[key] = image_metrics.reference(setup.config, train, test, setup.info, n,
-                                               setup.cache)
-  return setup.cache[key]
+  """n images [n, H, W, C] in [-1, 1] (NumPy) with the config's sampler at `steps`,
+  balanced over classes if conditional (image_metrics.generate). Every step count of
+  the config (sample.steps, eval.final_fid_steps) runs one compiled program."""
+  c = setup.config
+  labels = image_metrics.balanced_labels(n, setup.info.num_classes if c.model.conditional
+                                         else None)
+  fn = draw(setup, c.sample.guidance, max(steps, c.sample.steps, *c.eval.final_fid_steps))
+  return image_metrics.generate(lambda rng, y, m: fn(params, rng, y, steps, m), n, rng, labels)
 
 
 def bits_per_dim(setup: Setup, params, test: dict, rng) -> np.ndarray:
@@ -411,15 +409,19 @@ def bits_per_dim(setup: Setup, params, test: dict, rng) -> np.ndarray:
 
 
 def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
-  """FID, KID, IS and precision/recall of EMA samples at sample.steps, with FID's floor;
-  at the final evaluation also FID at each of eval.final_fid_steps (`fid_steps<N>`) and,
+  """The image metrics of EMA samples at sample.steps (over eval.final_fid_draws sets of
+  samples at the end), with FID's floor; at the final evaluation also FID of one set
+  at each of eval.final_fid_steps (`fid_steps<N>`) and,
   with eval.final_nll, the test bits/dim through the ODE (`nll_bpd`, with the standard
   error of its mean over images, `nll_bpd_sem`)."""
   c = setup.config
   n = (c.eval.final_fid_samples if final else c.eval.fid_samples) or setup.info.num_test
-  ref = reference(setup, test, n)
+  train, _, _ = datasets(c, "")
+  ref = image_metrics.reference(c, train, test, setup.info, n, setup.cache)
   ema = sharding.host_copy(state["ema"])  # every process scores the whole set itself
-  values = image_metrics.scores(ref, generate_images(setup, ema, n, rng, c.sample.steps))
+  values = image_metrics.scores_over_draws(
+      ref, lambda r: generate_images(setup, ema, n, r, c.sample.steps), rng,
+      c.eval.final_fid_draws if final else 1)
   for steps in (c.eval.final_fid_steps if final else ()):
     images = generate_images(setup, ema, n, rng, steps)
     values[f"fid_steps{steps}"] = image_metrics.fid(ref["features"](images)[0], ref["real"])
@@ -446,17 +448,13 @@ def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
 
 
 def generate(setup: Setup, state: dict, args) -> None:
-  """`genflax.sample`: args.num EMA samples as one PNG grid (8 per row) at args.out;
-  --steps and --guidance override the config's sampler."""
+  """`genflax.sample`: args.num EMA samples, a PNG grid or an .npz of arrays
+  (image_metrics.save_samples); --steps and --guidance override the config's sampler."""
   s, conditional = setup.config.sample, setup.config.model.conditional
-  rows, cols, y = metrics.sample_grid(args.num, args.label,
-                                      setup.info.num_classes if conditional else None)
-  steps = args.steps or s.steps
   guidance = s.guidance if args.guidance is None else args.guidance
   if guidance != 1 and not conditional:
     raise ConfigError(f"--guidance={guidance}: guidance needs a conditional model")
-  rng = jax.random.PRNGKey(args.seed)
-  z = jax.random.normal(rng, (rows * cols, *setup.info.image_shape))
-  fn = jax.jit(lambda p, z, y: sample(setup, p, z, y, rng, steps, guidance))
-  x = fn(state["ema"], z, None if y is None else jnp.asarray(y))
-  metrics.save_sample_grid(args.out, (x + 1) / 2, rows, cols)
+  steps = args.steps or s.steps
+  fn = draw(setup, guidance, steps)
+  image_metrics.save_samples(args, setup.info, conditional,
+                             lambda rng, y, n: fn(state["ema"], rng, y, steps, n))

@@ -26,10 +26,9 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from genflax import checks, data, metrics, optim, sharding, tasks
+from genflax import checks, data, optim, sharding, tasks
 from genflax.errors import ConfigError
 from genflax.models import conv, layers
 from genflax.tasks import image_metrics
@@ -39,6 +38,7 @@ ARCHS = ("mlp", "dcgan")
 GRAD_ALLREDUCES = ("per_param",)
 LOSSES = ("ns", "hinge", "wgan")
 CONDITIONINGS = ("projection", "concat")
+G_NORMS = ("none", "batch")
 
 
 # ---- Modules
@@ -52,6 +52,7 @@ class Generator(nn.Module):
   dtype: jnp.dtype = jnp.float32        # compute (mixed precision: genflax/models/layers.py)
   param_dtype: jnp.dtype = jnp.float32
   conv: str = "xla"                     # xla | matmul (genflax/models/conv.py)
+  norm: str = "none"                    # none | batch: after every layer but the last
 
   @nn.compact
   def __call__(self, z, y=None):
@@ -59,17 +60,22 @@ class Generator(nn.Module):
     b = z.shape[0]
     h_img, w_img, c_img = self.image_shape
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = self.norm == "batch"
+    # Batch norm's own shift replaces the layer's bias, which it would cancel (leaving
+    # Adam a gradient of rounding noise to follow).
+    hidden = dict(use_bias=not norm, **dtypes)
+    act = lambda h: nn.relu(layers.BatchNorm(**dtypes)(h) if norm else h)
     h = z.astype(self.dtype)
     if y is not None:
       h = jnp.concatenate([h, nn.Embed(self.num_classes, z.shape[-1], **dtypes)(y)], -1)  # [B, 2Z]
     for width in self.hidden:
-      h = nn.relu(nn.Dense(width, **dtypes)(h))
+      h = act(nn.Dense(width, **hidden)(h))
     if self.arch == "dcgan":
       s = 2 ** len(self.channels)  # one stride-2 transposed conv per entry
-      h = nn.relu(nn.Dense(h_img // s * w_img // s * self.channels[0], **dtypes)(h))
+      h = act(nn.Dense(h_img // s * w_img // s * self.channels[0], **hidden)(h))
       h = h.reshape(b, h_img // s, w_img // s, self.channels[0])
       for ch in self.channels[1:]:
-        h = nn.relu(conv.ConvTranspose(ch, (4, 4), 2, impl=self.conv, **dtypes)(h))  # doubles H, W
+        h = act(conv.ConvTranspose(ch, (4, 4), 2, impl=self.conv, **hidden)(h))  # doubles H, W
       h = conv.ConvTranspose(c_img, (4, 4), 2, impl=self.conv, **dtypes)(h)          # [B, H, W, C]
     else:
       h = nn.Dense(h_img * w_img * c_img, **dtypes)(h).reshape(b, h_img, w_img, c_img)
@@ -86,6 +92,7 @@ class Discriminator(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   conv: str = "xla"
+  minibatch_std: bool = False  # the batch's feature std as one more channel, before the dense layers
 
   @nn.compact
   def __call__(self, x, y=None, update_stats: bool = False):
@@ -104,6 +111,8 @@ class Discriminator(nn.Module):
     if self.arch == "dcgan":
       for ch in self.channels:
         h = nn.leaky_relu(layer(conv.Conv(ch, (4, 4), 2, impl=self.conv, **dtypes), h), 0.2)  # halves H, W
+    if self.minibatch_std:
+      h = layers.minibatch_std(h)
     h = h.reshape(b, -1)
     for width in self.hidden:
       h = nn.leaky_relu(layer(nn.Dense(width, **dtypes), h), 0.2)                  # [B, F]
@@ -149,15 +158,15 @@ def check(config) -> None:
   checks.one_of(config, "model.conditioning", CONDITIONINGS)
   checks.boolean(config, "model.spectral_norm")
   checks.one_of(config, "model.conv", conv.CONVS)
+  checks.one_of(config, "model.g_norm", G_NORMS)
+  checks.boolean(config, "model.d_minibatch_std")
   checks.one_of(config, "loss.kind", LOSSES)
   checks.integer(config, "loss.n_critic", 1)
   checks.number(config, "loss.gp_weight", low=0)
   checks.number(config, "loss.r1_gamma", low=0)
   checks.integer(config, "loss.r1_every", 1)
   checks.number(config, "loss.ema_decay", low=0, below=1)
-  checks.integer(config, "eval.fid_samples", 0)
-  checks.integer(config, "eval.final_fid_samples", 0)
-  checks.integer(config, "eval.feature_steps", 0)
+  image_metrics.check(config)
   if config.train.microbatches != 1:
     raise ConfigError(f"train.microbatches={config.train.microbatches}: the GAN step alternates "
                       "D and G updates on the whole batch; gradient accumulation is not "
@@ -179,10 +188,12 @@ def build(config, info) -> Setup:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   classes = info.num_classes if m.conditional else 0
   dtypes, impl = layers.dtypes(m), conv.conv_impl(m.get("conv", "auto"), info.image_shape[:2])
+  # .get: a workdir's config.json from before g_norm and d_minibatch_std existed (genflax.sample)
   g = Generator(m.arch, tuple(m.g_hidden), tuple(m.g_channels), info.image_shape, classes,
-                *dtypes, conv=impl)
+                *dtypes, conv=impl, norm=m.get("g_norm", "none"))
   d = Discriminator(m.arch, tuple(m.d_hidden), tuple(m.d_channels), classes,
-                    m.conditioning, m.spectral_norm, *dtypes, conv=impl)
+                    m.conditioning, m.spectral_norm, *dtypes, conv=impl,
+                    minibatch_std=m.get("d_minibatch_std", False))
   steps, d_steps = config.train.num_steps, config.train.num_steps * loss.n_critic
   return Setup(config, info, g, d,
                optim.build(config.optim_g, steps), optim.build(config.optim_d, d_steps),
@@ -344,10 +355,11 @@ def forward_macs(setup: Setup) -> tuple[int, int]:
     for ch in m.d_channels:            # 4x4 stride-2 convs
       size //= 4
       d, cin = d + size * 16 * cin * ch, ch
-    d += dense([size * cin, *m.d_hidden, 1])
+    d += dense([size * (cin + m.get("d_minibatch_std", False)), *m.d_hidden, 1])
   else:
     g = dense([z, *m.g_hidden, h * w * c])
-    d = dense([h * w * (c + (classes if m.conditioning == "concat" else 0)), *m.d_hidden, 1])
+    cin = c + (classes if m.conditioning == "concat" else 0) + m.get("d_minibatch_std", False)
+    d = dense([h * w * cin, *m.d_hidden, 1])
   return g, d
 
 
@@ -366,32 +378,38 @@ def train_flops(setup: Setup) -> float:
 
 # ---- Evaluation and samples
 
+def draw(setup: Setup):
+  """draw(g_params, rng, labels [n] or None, n) -> images [n, H, W, C] in [-1, 1],
+  compiled once per n (setup.cache)."""
+  if "draw" not in setup.cache:
+    setup.cache["draw"] = jax.jit(lambda g_params, rng, y, n: setup.g.apply(
+        {"params": g_params}, noise(setup, rng, n), y), static_argnums=3)
+  return setup.cache["draw"]
+
+
 def generate_images(setup: Setup, g_params, n: int, rng):
-  """n images [n, H, W, C] in [-1, 1] (NumPy), balanced over classes if conditional, in
-  fixed-size chunks so that every call reuses one compilation."""
-  if "generate" not in setup.cache:
-    setup.cache["generate"] = jax.jit(lambda p, z, y: setup.g.apply({"params": p}, z, y))
-  chunk = image_metrics.CHUNK
-  outs = []
-  for start in range(0, n, chunk):
-    z = noise(setup, jax.random.fold_in(rng, start), chunk)
-    y = (jnp.arange(start, start + chunk) % setup.info.num_classes
-         if setup.config.model.conditional else None)
-    outs.append(setup.cache["generate"](g_params, z, y))
+  """n images [n, H, W, C] in [-1, 1] (NumPy), balanced over classes if conditional
+  (image_metrics.generate)."""
+  labels = image_metrics.balanced_labels(
+      n, setup.info.num_classes if setup.config.model.conditional else None)
   # To the host: the feature network's parameters live on one device, G's may
   # be replicated over the training mesh.
-  return np.concatenate(jax.device_get(outs))[:n]
+  return image_metrics.generate(lambda rng, y, m: draw(setup)(g_params, rng, y, m), n, rng,
+                                labels)
 
 
 def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
-  """FID, KID, IS and precision/recall of the EMA generator against the test split,
-  with FID's floor (train vs test images) and its value at initialisation."""
-  n = setup.config.eval.final_fid_samples if final else setup.config.eval.fid_samples
-  n = n or setup.info.num_test
+  """The image metrics of the EMA generator against the test split (over
+  eval.final_fid_draws sets of samples at the end), with FID's floor (train vs test
+  images) and its value at initialisation."""
+  c = setup.config
+  n = (c.eval.final_fid_samples if final else c.eval.fid_samples) or setup.info.num_test
   ref = reference(setup, test, n)
   # On the host first: every process scores the whole set on its own devices.
-  images = generate_images(setup, sharding.host_copy(state["ema_g"]), n, rng)
-  return {**image_metrics.scores(ref, images), "fid_init": ref["fid_init"]}
+  g = sharding.host_copy(state["ema_g"])
+  values = image_metrics.scores_over_draws(ref, lambda r: generate_images(setup, g, n, r), rng,
+                                           c.eval.final_fid_draws if final else 1)
+  return {**values, "fid_init": ref["fid_init"]}
 
 
 def reference(setup: Setup, test: dict, n: int) -> dict:
@@ -428,9 +446,7 @@ def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
 
 
 def generate(setup: Setup, state: dict, args) -> None:
-  """`genflax.sample`: args.num EMA-generator samples as one PNG grid (8 per row) at args.out."""
-  rows, cols, y = metrics.sample_grid(
-      args.num, args.label, setup.info.num_classes if setup.config.model.conditional else None)
-  z = noise(setup, jax.random.PRNGKey(args.seed), rows * cols)
-  images = setup.g.apply({"params": state["ema_g"]}, z, y)
-  metrics.save_sample_grid(args.out, (images + 1.0) / 2.0, rows, cols)
+  """`genflax.sample`: args.num EMA-generator samples, a PNG grid or an .npz of arrays
+  (image_metrics.save_samples)."""
+  image_metrics.save_samples(args, setup.info, setup.config.model.conditional,
+                             lambda rng, y, n: draw(setup)(state["ema_g"], rng, y, n))

@@ -32,7 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from genflax import data, sharding
+from genflax import checks, data, metrics, sharding
 from genflax.errors import ConfigError
 
 FEATURE_WIDTH = 128
@@ -168,15 +168,73 @@ def chunked(fn, x):
 
 # ---- What a family calls
 
+def check(config) -> None:
+  """The eval values every image family reads here (families call it from `check`)."""
+  for key in ("fid_samples", "final_fid_samples", "feature_steps"):
+    checks.integer(config, f"eval.{key}", 0)
+  checks.integer(config, "eval.final_fid_draws", 1)
+
+
+def generate(draw, n: int, rng, labels=None, chunk: int = CHUNK) -> np.ndarray:
+  """n images [n, H, W, C] in [-1, 1] (NumPy) from draw(rng, labels [chunk] or None,
+  chunk) -> [chunk, H, W, C], a chunk at a time (one compilation; the last chunk is
+  cut), with fold_in(rng, start) for the chunk from image `start`. labels [n] or None."""
+  outs = []
+  for start in range(0, n, chunk):
+    y = None
+    if labels is not None:
+      y = np.resize(np.asarray(labels[start:start + chunk], np.int32), chunk)
+    outs.append(draw(jax.random.fold_in(rng, start), y, chunk))
+  return np.concatenate(jax.device_get(outs))[:n]
+
+
+def balanced_labels(n: int, num_classes: int | None):
+  """[n] labels 0, 1, ..., L - 1, 0, 1, ... for a conditional model (num_classes given),
+  else None."""
+  return None if num_classes is None else np.arange(n) % num_classes
+
+
+def save_samples(args, info, conditional: bool, draw) -> None:
+  """`genflax.sample`'s output for an image family, from draw (as `generate` takes it).
+
+  args.out ending .npz: args.num images as data, `images` uint8 [N, H, W, C] in the
+  dataset's levels (0 to info.num_levels - 1, as the dataset's own images) and, for a
+  conditional model, `labels` int32 [N] (all args.label, else balanced). Any other
+  name: a PNG grid, 8 per row, one row per class for a conditional model without
+  --label. Parent folders are made; the file appears whole or not at all.
+  """
+  num_classes = info.num_classes if conditional else None
+  if args.out.endswith(".npz"):
+    if num_classes is None and args.label is not None:
+      raise ConfigError("--label needs a conditional model (model.conditional=True)")
+    if args.label is not None and not 0 <= args.label < num_classes:
+      raise ConfigError(f"--label={args.label}: the model's classes are 0 to {num_classes - 1}")
+    labels = (balanced_labels(args.num, num_classes) if args.label is None
+              else np.full(args.num, args.label, np.int32))
+    images = generate(draw, args.num, jax.random.PRNGKey(args.seed), labels,
+                      min(CHUNK, args.num))
+    levels = np.rint((np.clip(images, -1, 1) + 1) / 2 * (info.num_levels - 1)).astype(np.uint8)
+    arrays = {"images": levels} if labels is None else {"images": levels,
+                                                        "labels": labels.astype(np.int32)}
+    metrics.write_atomically(args.out, lambda f: np.savez(f, **arrays))
+    print(f"wrote {args.num} samples to {args.out}")
+    return
+  rows, cols, labels = metrics.sample_grid(args.num, args.label, num_classes)
+  images = generate(draw, rows * cols, jax.random.PRNGKey(args.seed), labels,
+                    min(CHUNK, rows * cols))
+  metrics.save_sample_grid(args.out, (images + 1.0) / 2.0, rows, cols)
+
 def reference(config, train, test, info, n: int, cache: dict | None = None) -> dict:
   """The real side of every score of n generated images.
 
   The floor compares n train images (at most all of them) with the test
   split: the score of a generator as good as fresh real data. cache: a dict
   the family keeps (its setup's), where the test split's side, the same
-  for every n, is computed once.
+  for every n, is computed once, and each n's floor once.
   """
   cache = {} if cache is None else cache
+  if ("image_metrics.reference", n) in cache:
+    return cache["image_metrics.reference", n]
   if "image_metrics.real" not in cache:
     features, accuracy = load_or_train(config.data.data_dir or None, train, test, info,
                                        config.eval.get("feature_steps", 0))
@@ -187,7 +245,9 @@ def reference(config, train, test, info, n: int, cache: dict | None = None) -> d
                                    "class_share_max_real": class_shares(real_probs).max()}
   side = cache["image_metrics.real"]
   floor, _ = side["features"](scale(train["image"][:n], info.num_levels))
-  return {**side, "fid_floor": fid(floor, side["real"]), "kid_floor": kid(floor, side["real"])}
+  cache["image_metrics.reference", n] = {**side, "fid_floor": fid(floor, side["real"]),
+                                         "kid_floor": kid(floor, side["real"])}
+  return cache["image_metrics.reference", n]
 
 
 def scores(ref: dict, images) -> dict:
@@ -203,6 +263,23 @@ def scores(ref: dict, images) -> dict:
           "class_share_max": shares.max(), "class_share_max_real": ref["class_share_max_real"],
           **{f"class_share_{k}": share for k, share in enumerate(shares)},
           "feature_net_test_accuracy": ref["accuracy"]}
+
+
+SPREAD = ("fid", "kid", "is", "precision", "recall", "class_share_max")  # given as _sd
+
+
+def scores_over_draws(ref: dict, generate, rng, draws: int) -> dict:
+  """`scores` of `draws` independent sets of samples, generate(rng) -> images: each
+  value's mean over the sets and, for more than one, the standard deviation of the
+  SPREAD ones between them (`fid_sd`, ..., ddof 1) and their number (`fid_draws`).
+  The first set is generate(rng) itself, so one draw scores as `scores` does."""
+  runs = [scores(ref, generate(rng if d == 0 else jax.random.fold_in(rng, d)))
+          for d in range(draws)]
+  values = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+  if draws > 1:
+    values.update({f"{k}_sd": float(np.std([r[k] for r in runs], ddof=1)) for k in SPREAD})
+    values["fid_draws"] = draws
+  return values
 
 
 # ---- Set statistics (float64 NumPy)

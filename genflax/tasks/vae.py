@@ -1,5 +1,11 @@
 """VAE family: MLP or conv encoder/decoder, ELBO training, IWAE evaluation.
 
+Its prior samples (the decoder's mean image of z ~ N(0, I), balanced over
+classes when conditional) are scored with the image metrics every image
+family shares (genflax/tasks/image_metrics.py: FID, KID, IS,
+precision/recall, class coverage) on labelled datasets, so a VAE compares
+with the GANs and diffusion models on one table.
+
 Shapes: B batch, H W C image, Z latent size, K importance samples,
 L number of classes (conditional VAE only).
 
@@ -21,9 +27,10 @@ import jax.numpy as jnp
 import optax
 from jax.scipy.special import log_ndtr
 
-from genflax import checks, data, metrics, optim, sharding
+from genflax import checks, data, evaluation, optim, sharding
 from genflax.errors import ConfigError
 from genflax.models import conv, layers
+from genflax.tasks import image_metrics
 
 LIKELIHOODS = ("bernoulli", "gaussian", "discretized_gaussian")
 ARCHS = ("mlp", "conv")
@@ -112,7 +119,7 @@ class VAE(nn.Module):
 
 # ---- Setup and state
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: a static jit argument
 class Setup:
   config: object
   info: object
@@ -120,6 +127,8 @@ class Setup:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   mesh: jax.sharding.Mesh
+  # Evaluation's compiled parts and reference statistics, made on first use.
+  cache: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
 
 def datasets(config, workdir: str):
@@ -143,6 +152,7 @@ def check(config) -> None:
   checks.one_of(config, "model.conv", conv.CONVS)
   for key in ("iwae_k", "final_iwae_k", "iwae_chunk"):
     checks.integer(config, f"eval.{key}", 1)
+  image_metrics.check(config)
   for key in ("iwae_k", "final_iwae_k"):
     k = config.eval[key]
     if k % min(k, config.eval.iwae_chunk):
@@ -344,6 +354,49 @@ def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
   return values
 
 
+_eval_step = jax.jit(eval_step, static_argnums=(0, 4))
+
+
+def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
+  """eval_step's means over the test split and, on a labelled dataset, the image
+  metrics of eval.fid_samples prior samples (eval.final_fid_samples at the end, over
+  eval.final_fid_draws sets; 0: as many as the test split has)."""
+  c = setup.config
+  step = lambda s, b, r, f: _eval_step(setup, s, b, r, f)
+  values = evaluation.split_means(step, state, test, c.eval.batch_size,
+                                  sharding.batch_sharding(setup.mesh), rng, final)
+  if setup.info.num_classes:
+    n = (c.eval.final_fid_samples if final else c.eval.fid_samples) or setup.info.num_test
+    train, _, _ = datasets(c, "")
+    ref = image_metrics.reference(c, train, test, setup.info, n, setup.cache)
+    params = sharding.host_copy(state["params"])
+    values.update(image_metrics.scores_over_draws(
+        ref, lambda r: generate_images(setup, params, n, r), jax.random.fold_in(rng, 3),
+        c.eval.final_fid_draws if final else 1))
+  return values
+
+
+def draw(setup: Setup):
+  """draw(params, rng, labels [n] or None, n) -> prior samples [n, H, W, C] in [-1, 1]
+  (the decoder's mean image), compiled once per n (setup.cache)."""
+  if "draw" not in setup.cache:
+    def fn(params, rng, labels, n):
+      z = jax.random.normal(rng, (n, setup.config.model.latent_dim))
+      out = setup.model.apply({"params": params}, z, one_hot(setup, labels), method=VAE.decode)
+      return mean_image(setup, out) * 2.0 - 1.0
+    setup.cache["draw"] = jax.jit(fn, static_argnums=3)
+  return setup.cache["draw"]
+
+
+def generate_images(setup: Setup, params, n: int, rng):
+  """n prior samples [n, H, W, C] in [-1, 1] (NumPy), balanced over classes if
+  conditional (image_metrics.generate)."""
+  labels = image_metrics.balanced_labels(
+      n, setup.info.num_classes if setup.config.model.conditional else None)
+  return image_metrics.generate(lambda rng, y, m: draw(setup)(params, rng, y, m), n, rng,
+                                labels)
+
+
 def samples(setup: Setup, state: dict, batch: dict, rng) -> dict:
   """Grids [rows, cols, H, W, C]: reconstructions beside inputs, prior samples, interpolations."""
   params = state["params"]
@@ -373,11 +426,7 @@ def write_samples(setup: Setup, grids: dict, writer, step: int) -> None:
 
 
 def generate(setup: Setup, state: dict, args) -> None:
-  """`genflax.sample`: args.num prior samples as one PNG grid (8 per row) at args.out."""
-  conditional = setup.config.model.conditional
-  rows, cols, labels = metrics.sample_grid(args.num, args.label,
-                                           setup.info.num_classes if conditional else None)
-  y = one_hot(setup, labels) if conditional else None
-  z = jax.random.normal(jax.random.PRNGKey(args.seed), (rows * cols, setup.config.model.latent_dim))
-  out = setup.model.apply({"params": state["params"]}, z, y, method=VAE.decode)
-  metrics.save_sample_grid(args.out, mean_image(setup, out), rows, cols)
+  """`genflax.sample`: args.num prior samples (the decoder's mean images), a PNG grid or
+  an .npz of arrays (image_metrics.save_samples)."""
+  image_metrics.save_samples(args, setup.info, setup.config.model.conditional,
+                             lambda rng, y, n: draw(setup)(state["params"], rng, y, n))
