@@ -14,7 +14,14 @@ FID is measured in the feature space of a classifier trained once on
 Fashion-MNIST (genflax/tasks/image_metrics.py): 2,000 samples at each eval,
 the whole test split's size (10,000) at the end.
 Variants: those of dcgan_mnist.py (`conditional`, `hinge`, `wgan`, `r1`,
-`sn`, `smoke`).
+`sn`, `smoke`). The sweep `collapse` measures what keeps the unconditional
+DCGAN from collapsing onto a few classes (experiments/fashion_mnist/collapse):
+
+    python -m genflax.sweep --config configs/dcgan_fashion.py --sweep collapse \
+        --workdir runs/collapse --workers 2 --config.train.num_steps=1500 \
+        --config.train.eval_every_steps=500 --config.train.ckpt_every_steps=500 \
+        --config.eval.fid_samples=2000 --config.eval.final_fid_samples=2000 \
+        --config.loss.r1_every=4
 """
 from genflax import configfile
 
