@@ -130,15 +130,20 @@ def sample_grid(num: int, label, num_classes: int | None):
   """
   cols = 8
   rows = max(1, -(-num // cols))
+  check_label(label, num_classes)
   if num_classes is None:
-    if label is not None:
-      raise ConfigError("--label needs a conditional model (model.conditional=True)")
     return rows, cols, None
-  if label is not None and not 0 <= label < num_classes:
-    raise ConfigError(f"--label={label}: the model's classes are 0 to {num_classes - 1}")
   labels = (np.full(rows * cols, label) if label is not None
             else np.arange(rows * cols) // cols % num_classes)
   return rows, cols, labels
+
+
+def check_label(label, num_classes: int | None) -> None:
+  """`--label`: only for a conditional model (num_classes given), and one of its classes."""
+  if num_classes is None and label is not None:
+    raise ConfigError("--label needs a conditional model (model.conditional=True)")
+  if label is not None and not 0 <= label < num_classes:
+    raise ConfigError(f"--label={label}: the model's classes are 0 to {num_classes - 1}")
 
 
 def save_sample_grid(path: str, images, rows: int, cols: int) -> None:

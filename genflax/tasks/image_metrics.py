@@ -205,10 +205,7 @@ def save_samples(args, info, conditional: bool, draw) -> None:
   """
   num_classes = info.num_classes if conditional else None
   if args.out.endswith(".npz"):
-    if num_classes is None and args.label is not None:
-      raise ConfigError("--label needs a conditional model (model.conditional=True)")
-    if args.label is not None and not 0 <= args.label < num_classes:
-      raise ConfigError(f"--label={args.label}: the model's classes are 0 to {num_classes - 1}")
+    metrics.check_label(args.label, num_classes)
     labels = (balanced_labels(args.num, num_classes) if args.label is None
               else np.full(args.num, args.label, np.int32))
     images = generate(draw, args.num, jax.random.PRNGKey(args.seed), labels,
