@@ -10,7 +10,10 @@ copying itself.
 
 `keep` tells glibc to serve every thread from its one main heap, to take no
 block from mmap and never to shrink that heap: freed memory is reused as is,
-and the process keeps its peak memory until it exits. The 28x28 DCGAN's and
+and the process keeps its peak memory until it exits. In the first tens of
+steps that peak grows to a few times a step's temporaries (small blocks split
+the freed large ones, and the next step's large block is taken afresh), then
+stays. The 28x28 DCGAN's and
 conv VAE's steps ran 1.3-1.7x faster, the diffusion U-Net's 1.4x; the nano
 LM on two CPU devices 11% slower, its devices' threads now sharing one heap
 (benchmarks/README.md). So `auto` keeps on one CPU device and leaves
