@@ -19,6 +19,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(items):
   """With pytest-xdist (the suite runs on every core, `--dist loadgroup`), the tests of
   a file that use its fixtures of module or session scope (a trained run, a sweep) run
@@ -29,3 +30,4 @@ def pytest_collection_modifyitems(items):
               if defs and defs[-1].scope != "function" and defs[-1].baseid.startswith("tests")}
     if shared:
       item.add_marker(pytest.mark.xdist_group(min(shared)))
+
