@@ -10,8 +10,13 @@ import pytest
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
-# Tests never read or write the user's ~/tensorflow_datasets.
-os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="genflax_tfds_")
+# Tests never read or write the user's ~/tensorflow_datasets. One data dir for the
+# session: pytest-xdist's workers inherit the one made here by the controller, so
+# Fashion-MNIST is prepared and each feature network trained once (preparing
+# takes turns through a lock; a network is saved by a rename).
+if not (os.environ.get("PYTEST_XDIST_WORKER") and
+        os.path.basename(os.environ.get("TFDS_DATA_DIR", "")).startswith("genflax_tfds_")):
+  os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="genflax_tfds_")
 os.environ["PYTHONUNBUFFERED"] = "1"
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position

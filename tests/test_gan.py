@@ -200,6 +200,9 @@ def test_feature_network_steps_default_to_three_epochs_and_others_are_kept_apart
   assert 0.1 < accuracy < 0.9  # 5 steps: far from the default network's 0.989
   image_metrics.load_or_train(str(tmp_path), train, test, info, steps=400)  # the default's count
   assert sorted(os.listdir(tmp_path / "genflax_features")) == ["digits", "digits-steps5"]
+  # A process that trained the network too but saves second keeps the first's, leaving no copy.
+  image_metrics.save(str(tmp_path / "genflax_features" / "digits"), {"x": np.zeros(3)})
+  assert sorted(os.listdir(tmp_path / "genflax_features")) == ["digits", "digits-steps5"]
 
 
 def test_class_coverage_shows_a_generator_that_draws_one_class(features):

@@ -23,6 +23,7 @@ float64 (FID's matrix square root is ill-conditioned in float32 for a few
 hundred samples), the k-NN distances of precision/recall in float32.
 """
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -144,6 +145,7 @@ def save(path: str, tree) -> None:
   except OSError:  # another process saved first; its network is the same (seed 0)
     if not os.path.exists(path):
       raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _checkpointer() -> ocp.StandardCheckpointer:
