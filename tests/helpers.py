@@ -27,6 +27,13 @@ def config(name: str, arg: str = "smoke", **overrides):
   return c
 
 
+def assert_smoke_ran(results: dict) -> None:
+  """A smoke variant's results: its 12 steps on one compile, every value finite."""
+  assert results["step"] == results["train_step_traces"] * 12
+  values = [v for v in results.values() if isinstance(v, float)]
+  assert values and all(np.isfinite(values))
+
+
 def init(task, setup, rng):
   """task.init(setup, rng) compiled as the trainer compiles a run's start (op by op,
   a U-Net's init took 18 s)."""

@@ -443,6 +443,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_reports_perplexity_and_bits(smoke_run):
   workdir, results = smoke_run
+  helpers.assert_smoke_ran(results)
   assert results["step"] == 12 and results["train_step_traces"] == 1
   assert results["perplexity"] == pytest.approx(np.exp(results["loss"]), rel=1e-6)
   assert results["bits_per_char"] == pytest.approx(results["loss"] / np.log(2), rel=1e-6)
