@@ -3,6 +3,7 @@ batches."""
 
 import gzip
 import json
+import logging
 import os
 import shutil
 import threading
@@ -238,6 +239,24 @@ def _write_mnist_format(directory, seed=0, gz=True):
     for stem, array in zip((images_stem, labels_stem), arrays[split]):
       _write_idx(os.path.join(directory, stem + ".gz" * gz), array, gz)
   return arrays
+
+
+def test_first_use_says_in_one_line_what_it_prepares_from_where(tmp_path, capsys, caplog):
+  """In place of tfds's "Downloading and preparing dataset Unknown size" and its
+  warnings about the variant folder it is making, though nothing is downloaded."""
+  caplog.set_level(logging.WARNING)
+  files = tmp_path / "files"
+  _write_mnist_format(files, gz=False)
+  tfds_dir = tmp_path / "tfds"
+  for _ in range(2):  # prepared, then read
+    data.load("digits", str(tfds_dir))
+    _, _, info = data.load("idx", str(tfds_dir), str(files))
+  assert capsys.readouterr().out.splitlines() == [
+      f"preparing digits from scikit-learn's copy of the UCI digits into {tfds_dir}/digits/1.0.0 "
+      "(once: later runs read it there)",
+      f"preparing idx from the IDX files in {files} into {tfds_dir}/{info.name}/1.0.0 "
+      "(once: later runs read it there)"]
+  assert caplog.records == [], caplog.text
 
 
 def test_idx_dataset_reads_any_mnist_format_directory(tmp_path):

