@@ -39,7 +39,8 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from genflax import configfile, hostmem, main as genflax_main, tasks, trainer
+from genflax import configfile, errors, hostmem, main as genflax_main, tasks, trainer
+from genflax.errors import ConfigError
 from genflax.models import conv, layers
 
 
@@ -298,10 +299,16 @@ def markdown(results: dict) -> str:
 
 
 def load_config(config_file: str, overrides: list[str]):
-  """configs/X.py[:arg] with key=value overrides (values as Python literals, else strings)."""
+  """configs/X.py[:arg] with key=value overrides (values as Python literals, else
+  strings); a key the config lacks is a ConfigError, as in genflax.main."""
   config = configfile.load_config(config_file)
+  keys = configfile.flat_keys(config)
   for item in overrides:
-    key, _, value = item.partition("=")
+    key, equals, value = item.partition("=")
+    if not equals:
+      raise ConfigError(f"override {item!r} has no value: write key=value, e.g. "
+                        "train.num_steps=10")
+    configfile.check_key(key, keys)
     *path, last = key.split(".")
     node = config
     for part in path:
@@ -324,6 +331,7 @@ def set_up_host(config, module: str) -> None:
   genflax_main.split_cpu(config.cpu_devices)
 
 
+@errors.one_line
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True, help="configs/X.py[:arg]")

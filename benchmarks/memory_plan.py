@@ -28,7 +28,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from genflax import configfile, platform, sharding, trainer
+from genflax import configfile, errors, platform, sharding, trainer
 from genflax.tasks import lm
 
 PLANS = {
@@ -88,6 +88,7 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+@errors.one_line
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/lm_shakespeare.py:gpt2")

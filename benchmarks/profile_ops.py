@@ -24,6 +24,7 @@ import tempfile
 import jax
 
 from benchmarks import hot_loop
+from genflax import errors
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -107,6 +108,7 @@ def report(result: dict, top: int = 15) -> str:
   return "\n".join(lines)
 
 
+@errors.one_line
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True, help="configs/X.py[:arg]")

@@ -28,7 +28,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from benchmarks import hot_loop
-from genflax import trainer
+from genflax import errors, trainer
 from genflax.data import catalogue
 
 # The image shape, classes and levels of the datasets the image configs read.
@@ -231,6 +231,7 @@ def run(config, steps: int, warmup: int, channels_last: bool = False, compile_: 
       "torch_matmul_gflops_per_s": max(peaks[0], peaks[2]) / 1e9, "mfu": flops / median / peak}
 
 
+@errors.one_line
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True, help="an image config: FILE[:ARG]")

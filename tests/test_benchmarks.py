@@ -58,6 +58,37 @@ def test_hot_loop_runs_a_config_on_the_devices_main_gives_it(tmp_path):
   assert results["datasheet_tflops"] != results["datasheet_tflops"]  # nan: a CPU has none
 
 
+CONFIG = ["--config", "configs/vae_digits.py:smoke"]
+
+
+@pytest.mark.parametrize("module, args, message", [
+    *((m, ["--config", "configs/nope.py"], "--config configs/nope.py: there is no file")
+      for m in (hot_loop, profile_ops, memory_plan)),
+    *((m, [*CONFIG, "model.nokey=3"], "unknown config key 'model.nokey'; did you mean")
+      for m in (hot_loop, profile_ops)),
+    (hot_loop, [*CONFIG, "model.latent_dim"], "override 'model.latent_dim' has no value"),
+    (hot_loop, [*CONFIG, "model.latent_dim=0"], "model.latent_dim=0: must be an integer >= 1"),
+], ids=lambda v: v.__name__.split(".")[-1] if hasattr(v, "__name__") else None)
+def test_a_bad_benchmark_command_is_one_line_before_any_work(module, args, message, capsys,
+                                                            monkeypatch):
+  monkeypatch.setattr("sys.argv", [module.__name__, *args])
+  with pytest.raises(SystemExit) as exit_:
+    module.main()
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+  assert message in err, err
+
+
+def test_a_benchmark_without_its_dataset_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr("sys.argv", ["hot_loop", "--config", "configs/dcgan_fashion.py:smoke",
+                                   f"data.idx_dir={tmp_path}", f"data.data_dir={tmp_path / 'tfds'}"])
+  with pytest.raises(SystemExit) as exit_:
+    hot_loop.main()
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1, err
+  assert f"from {tmp_path}, which lacks train-images-idx3-ubyte" in err
+
+
 def test_datasheet_peaks_of_known_accelerators():
   device = lambda kind: types.SimpleNamespace(device_kind=kind)
   assert hot_loop.datasheet_peak(device("NVIDIA H100 80GB HBM3")) == 989.4e12
