@@ -26,7 +26,6 @@ others wait, and reports. Decoding is timed only in one-process runs.
 import argparse
 import ast
 import functools
-import json
 import os
 import resource
 import statistics
@@ -39,7 +38,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from genflax import configfile, errors, hostmem, main as genflax_main, tasks, trainer
+from genflax import configfile, errors, hostmem, main as genflax_main, metrics, tasks, trainer
 from genflax.errors import ConfigError
 from genflax.models import conv, layers
 
@@ -343,6 +342,8 @@ def main():
   parser.add_argument("--process_id", type=int, default=None)
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args()
+  if args.out:
+    metrics.check_output(args.out)
   config = load_config(args.config, args.overrides)
   set_up_host(config, "benchmarks.hot_loop")
   if args.coordinator_address:
@@ -352,8 +353,7 @@ def main():
     return
   print(markdown(results))
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=2)
+    metrics.write_json(args.out, results)
 
 
 if __name__ == "__main__":

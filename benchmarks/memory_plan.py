@@ -28,7 +28,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from genflax import configfile, errors, platform, sharding, trainer
+from genflax import configfile, errors, metrics, platform, sharding, trainer
 from genflax.tasks import lm
 
 PLANS = {
@@ -97,6 +97,8 @@ def main():
   parser.add_argument("--vocab_size", type=int, default=GPT2_VOCAB)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
+  if args.out:
+    metrics.check_output(args.out)
   config = configfile.load_config(args.config)
   rows = []
   for n in args.devices:
@@ -106,8 +108,7 @@ def main():
       print(json.dumps(row), flush=True)
   print(markdown(rows))
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(rows, f, indent=2)
+    metrics.write_json(args.out, rows)
 
 
 if __name__ == "__main__":

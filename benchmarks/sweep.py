@@ -19,7 +19,6 @@ The trials run as the sweep runs them, one CPU device each (XLA_FLAGS is
 dropped from their environment).
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -27,6 +26,7 @@ import sys
 import tempfile
 import time
 
+from genflax import errors, metrics
 from genflax.sweep import worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,10 +77,13 @@ def sweep(tmp: str, name: str, workers: int) -> dict:
           "trials_per_min": 12 / wall * 60}
 
 
+@errors.one_line
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--out")
   args = p.parse_args()
+  if args.out:
+    metrics.check_output(args.out)
   with tempfile.TemporaryDirectory() as tmp:
     result = {"overhead": overhead(tmp), "cpus": len(os.sched_getaffinity(0))}
     result["sweeps"] = [sweep(tmp, name, w) for name in SWEEPS for w in (1, 2)]
@@ -101,8 +104,7 @@ def main() -> None:
     result["speedup_2_workers"][one["sweep"]] = one["wall_s"] / two["wall_s"]
     print(f"{one['config']}: 2 workers / 1 worker: {one['wall_s'] / two['wall_s']:.2f}x")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+    metrics.write_json(args.out, result)
 
 
 if __name__ == "__main__":

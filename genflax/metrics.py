@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from genflax.errors import ConfigError
+from genflax.errors import ConfigError, UserError
 
 
 class Writer:
@@ -153,6 +153,27 @@ def save_sample_grid(path: str, images, rows: int, cols: int) -> None:
   picture = tile(images.reshape(rows, cols, *images.shape[1:]))
   write_atomically(path, lambda f: save_png(f, picture))
   print(f"wrote {rows * cols} samples to {path}")
+
+
+def check_output(path: str, flag: str = "--out") -> None:
+  """Makes the folder of an output file a command will write when its work is done,
+  or refuses the path (UserError) now, before any work."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise UserError(f"{flag} {path} is a directory: name a file in it")
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{flag} {path}: cannot make its folder {folder} ({e.strerror or e}); "
+                    "name a path in a writable folder") from None
+  if not os.access(folder, os.W_OK):
+    raise UserError(f"{flag} {path}: its folder {folder} is not writable; name a path in a "
+                    "writable folder")
+
+
+def write_json(path: str, value) -> None:
+  """value as indented JSON at path, written atomically (write_atomically)."""
+  write_atomically(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
 
 
 def write_atomically(path: str, write) -> None:

@@ -44,7 +44,7 @@ def test_hot_loop_runs_a_config_on_the_devices_main_gives_it(tmp_path):
   under genflax.main; the benchmark of the config measures the same mesh,
   with the `auto` values resolved as there. In bfloat16, the peak is bfloat16's."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  out = tmp_path / "lm.json"
+  out = tmp_path / "new" / "folder" / "lm.json"  # made for it
   proc = helpers.cli("--config", "configs/lm_shakespeare.py:smoke", "--steps", "3", "--warmup",
                      "1", "--out", str(out), "model.dtype=bfloat16", module="benchmarks.hot_loop",
                      env=env)
@@ -68,6 +68,9 @@ CONFIG = ["--config", "configs/vae_digits.py:smoke"]
       for m in (hot_loop, profile_ops)),
     (hot_loop, [*CONFIG, "model.latent_dim"], "override 'model.latent_dim' has no value"),
     (hot_loop, [*CONFIG, "model.latent_dim=0"], "model.latent_dim=0: must be an integer >= 1"),
+    *((m, [*CONFIG[:2], "--out", "README.md/x.json"], "--out README.md/x.json: cannot make its "
+       "folder") for m in (hot_loop, memory_plan)),
+    (hot_loop, [*CONFIG, "--out", "tests"], "--out tests is a directory"),
 ], ids=lambda v: v.__name__.split(".")[-1] if hasattr(v, "__name__") else None)
 def test_a_bad_benchmark_command_is_one_line_before_any_work(module, args, message, capsys,
                                                             monkeypatch):
