@@ -30,9 +30,21 @@ def pytest_collection_modifyitems(items):
   a file that use its fixtures of module or session scope (a trained run, a sweep) run
   in one worker, which makes each fixture once; every other test goes to whichever
   worker is free."""
+  heavy = set()
   for item in items:
     shared = {defs[-1].baseid for defs in item._fixtureinfo.name2fixturedefs.values()
               if defs and defs[-1].scope != "function" and defs[-1].baseid.startswith("tests")}
     if shared:
       item.add_marker(pytest.mark.xdist_group(min(shared)))
+    if any(name in item.name for name in HEAVY) or shared & HEAVY_GROUPS:
+      heavy.add(item)
+  # Workers take tests in this order: the longest first, so that no worker is left
+  # with a long test while the other has finished. (Stable: each group stays whole.)
+  items.sort(key=lambda item: item not in heavy)
+
+
+# Tests of 40-90 s each (two processes, ten restarts, a config's run in every form),
+# and the files whose shared fixtures train for minutes.
+HEAVY = ("two_processes", "sigkills", "every_config_smoke_variant", "matmul_or_forward_convs")
+HEAVY_GROUPS = {"tests/test_diffusion.py", "tests/test_sweep.py", "tests/test_platform.py"}
 
