@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from genflax import metrics
 from genflax.errors import CheckpointError, UserError
 
 # Config entries that define an experiment. Resuming with others changed
@@ -253,13 +254,25 @@ def identity(config: dict) -> dict:
   return {k: v for k, v in out.items() if k not in NOT_IDENTITY}
 
 
-def check_workdir(workdir: str, config, latest_step: int | None) -> None:
-  """Refuses a workdir whose checkpoints another experiment wrote."""
+def check_workdir(workdir: str, config, latest_step: int | None, log=print) -> None:
+  """Refuses a workdir whose checkpoints another experiment wrote. Its config.json
+  says which; where that file is unreadable, the newest checkpoint's metadata
+  (every save names its experiment), and config.json is then written again."""
   path = os.path.join(workdir, "config.json")
   if latest_step is None or not os.path.exists(path):
     return
-  with open(path) as f:
-    theirs = identity(json.load(f))
+  saved = metrics.read_json(path)
+  if saved is not None and "task" in saved:
+    theirs = identity(saved)
+  else:
+    meta = metrics.read_json(os.path.join(workdir, "checkpoints", str(latest_step), "meta",
+                                          "metadata")) or {}
+    theirs = {k: v for k, v in meta.items()
+              if any(k == key or k.startswith(key + ".") for key in IDENTITY_KEYS)}
+    if "task" not in theirs:
+      raise UserError(f"{path} is unreadable, and checkpoint {latest_step} does not say which "
+                      f"experiment wrote it: put back the run's config.json, or move {workdir} "
+                      "away to start afresh")
   ours = identity(json.loads(config.to_json_best_effort()))
   diffs = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} here"
            for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
@@ -268,6 +281,9 @@ def check_workdir(workdir: str, config, latest_step: int | None) -> None:
         f"workdir {workdir} holds checkpoints (latest step {latest_step}) of another "
         f"experiment ({'; '.join(diffs)}). Use a new --workdir, or delete "
         f"{workdir} to start this one there.")
+  if saved is None or "task" not in saved:
+    log(f"{path} is unreadable: checkpoint {latest_step} names this experiment, so it is "
+        "written again from this command's config")
 
 
 def write_config(workdir: str, config) -> None:

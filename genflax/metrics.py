@@ -77,26 +77,45 @@ class Writer:
 
 
 def keep_history(path: str, step: int) -> set:
-  """Drops the rows of metrics.jsonl after `step`, final rows and a torn last line;
-  returns the (step, split) of the rows kept."""
+  """Drops the rows of metrics.jsonl after `step`, final rows and a torn last line
+  (and says so of any other line it cannot read); returns the (step, split) of the
+  rows kept."""
   if not os.path.exists(path):
     return set()
-  with open(path) as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue  # the last line of a run killed while writing it
-    if row["step"] <= step and row["split"] != "final":
+  with open(path, "rb") as f:
+    lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+  kept, unreadable = [], 0
+  for i, line in enumerate(lines):
+    row = _row(line)
+    if row is None:
+      unreadable += i < len(lines) - 1 or line.endswith("\n")  # not a torn last line
+    elif row["step"] <= step and row["split"] != "final":
       kept.append(line if line.endswith("\n") else line + "\n")
+  if unreadable:
+    print(f"{path}: {unreadable} unreadable line(s) dropped; the other rows are kept", flush=True)
   if kept != lines:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
-  return {(r["step"], r["split"]) for r in map(json.loads, kept)}
+    write_atomically(path, lambda f: f.write("".join(kept).encode()))
+  return {(r["step"], r["split"]) for r in map(_row, kept)}
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl ([] without one), skipping lines that are not rows."""
+  if not os.path.exists(path):
+    return []
+  with open(path, "rb") as f:
+    lines = f.read().decode("utf-8", errors="replace").splitlines()
+  return [row for row in map(_row, lines) if row is not None]
+
+
+def _row(line: str) -> dict | None:
+  """A metrics.jsonl row, or None where the line is not one."""
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  ok = (isinstance(row, dict) and isinstance(row.get("step"), int)
+        and isinstance(row.get("split"), str))
+  return row if ok else None
 
 
 def tile(grid: np.ndarray, pad: int = 1) -> np.ndarray:
@@ -158,17 +177,34 @@ def save_sample_grid(path: str, images, rows: int, cols: int) -> None:
 def check_output(path: str, flag: str = "--out") -> None:
   """Makes the folder of an output file a command will write when its work is done,
   or refuses the path (UserError) now, before any work."""
-  folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
     raise UserError(f"{flag} {path} is a directory: name a file in it")
+  check_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path}: its folder")
+
+
+def check_folder(folder: str, what: str = "--out") -> None:
+  """Makes an output folder, or refuses it (UserError) now, before any work."""
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise UserError(f"{what} {folder} is a file, not a folder: name another")
   try:
     os.makedirs(folder, exist_ok=True)
   except OSError as e:
-    raise UserError(f"{flag} {path}: cannot make its folder {folder} ({e.strerror or e}); "
-                    "name a path in a writable folder") from None
+    raise UserError(f"{what} {folder} cannot be made ({e.strerror or e}): name a folder "
+                    "where files can be written") from None
   if not os.access(folder, os.W_OK):
-    raise UserError(f"{flag} {path}: its folder {folder} is not writable; name a path in a "
-                    "writable folder")
+    raise UserError(f"{what} {folder} is not writable: name a folder where files can be "
+                    "written")
+
+
+def read_json(path: str) -> dict | None:
+  """The JSON object in a file genflax wrote; None if it is unreadable (cut short,
+  overwritten, not an object)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
+    return None
+  return value if isinstance(value, dict) else None
 
 
 def write_json(path: str, value) -> None:

@@ -110,9 +110,11 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
   step = 0 if resumed_step is None else resumed_step
   results_path = os.path.join(workdir, "results.json")
   if step >= config.train.num_steps and os.path.exists(results_path):
-    log(f"already trained to step {step}; results in {results_path}")
-    with open(results_path) as f:
-      return json.load(f)
+    results = metrics.read_json(results_path)
+    if results is not None:
+      log(f"already trained to step {step}; results in {results_path}")
+      return results
+    log(f"{results_path} is unreadable: the final evaluation runs again to write it")
   writer = metrics.Writer(workdir, resume_step=resumed_step)
   evaluate = _evaluator(config, run, mesh, writer, log)
   experiment = checkpoints.identity(json.loads(config.to_json_best_effort()))
@@ -137,7 +139,7 @@ def _start(config, workdir: str, task, mesh, log):
   resumed_step) or, without one, created (resumed_step None)."""
   # ---- Checkpoints and the workdir's experiment
   mngr = checkpoints.manager(workdir, config.train.keep_checkpoints)
-  checkpoints.check_workdir(workdir, config, mngr.latest_step())
+  checkpoints.check_workdir(workdir, config, mngr.latest_step(), log)
   if jax.process_index() == 0:
     checkpoints.write_config(workdir, config)
 
@@ -319,7 +321,7 @@ def _end(loop: _Loop, pruned: bool, stop_reason, results_path: str) -> dict:
   results = loop.evaluate(loop.state, step, final=True)
   results.update(step=step, num_params=num_params(loop.state), train_step_traces=traces)
   if jax.process_index() == 0:
-    write_json(results_path, results)
+    metrics.write_json(results_path, results)
   loop.writer.close()
   loop.mngr.close()
   return results
@@ -457,8 +459,11 @@ def load_run(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a genflax run: it has no config.json")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  saved = metrics.read_json(path)
+  if saved is None or "task" not in saved:
+    raise UserError(f"{path} is unreadable: run the command that trained {workdir} again, "
+                    "which writes it again (and resumes the run, or says it is finished)")
+  config = ml_collections.ConfigDict(saved)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1  # one device suffices
   task = load_task(config.task)
   mesh = sharding.make_mesh(config.mesh)
@@ -590,9 +595,3 @@ def describe(config, info, mesh, state) -> str:
           f"{jax.device_count()} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es)")
 
-
-def write_json(path: str, values: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(values, f, indent=2)
-  os.replace(tmp, path)

@@ -264,6 +264,22 @@ def test_the_report_tables_equal_the_trials_results(grid_sweep, tmp_path):
   assert table.count("| complete |") == 2 and table.count("| fail |") == 2
   for png in ("learning_curves", "history", "slice", "importance"):
     assert (tmp_path / f"{png}.png").stat().st_size > 5000
+  assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # each file renamed into place
+  # A folder that cannot be one is refused in one line; a trial's damaged files are
+  # named in one line each, and the report is written.
+  refused = helpers.cli("report", str(workdir), "--out=README.md", module="genflax.sweep")
+  assert refused.returncode == 2 and refused.stderr.strip() == (
+      "error: the report's folder README.md is a file, not a folder: name another")
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  trial = copy / "trials" / str(best["trial"])
+  (trial / "results.json").write_bytes(b"\xff not JSON")
+  with open(trial / "metrics.jsonl", "ab") as f:
+    f.write(b"[1, 2]\n{cut sho")
+  damaged = helpers.cli("report", str(copy), module="genflax.sweep")
+  assert damaged.returncode == 0 and "Traceback" not in damaged.stderr, damaged.stderr
+  assert f"{trial / 'results.json'} is unreadable: that trial's row has no results" in damaged.stdout
+  assert (copy / "report" / "learning_curves.png").stat().st_size > 5000
 
 
 @pytest.mark.slow

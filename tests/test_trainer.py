@@ -393,6 +393,10 @@ def test_sample_cli_writes_a_grid_from_the_latest_checkpoint(smoke_run, tmp_path
   result = helpers.cli("--workdir", workdir, "--label", "3", "--out", str(out),
                        module="genflax.sample")
   assert result.returncode == 2 and "--label needs a conditional model" in result.stderr
+  # An --out that cannot be written is refused before sampling.
+  result = helpers.cli("--workdir", workdir, "--out", str(out / "x.png"), module="genflax.sample")
+  assert result.returncode == 2 and result.stderr.strip() == (
+      f"error: --out {out / 'x.png'}: its folder {out} is a file, not a folder: name another")
   # As data, in folders made for it: the decoder's mean images, as the run's API draws them.
   out = tmp_path / "new" / "folder" / "samples.npz"
   images = helpers.sample_arrays(workdir, out, 250, "--seed", "5")["images"]

@@ -12,7 +12,7 @@ importances. The best trial is printed as the `genflax.main` command that
 reproduces it.
 """
 import csv
-import json
+import io
 import math
 import os
 import re
@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optuna  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from genflax import metrics  # pylint: disable=wrong-import-position
 from genflax.sweep import space, study as sweep_study  # pylint: disable=wrong-import-position
 
 FIXED = ("trial", "state")
@@ -34,18 +35,19 @@ AFTER = ("best_eval", "best_eval_step", "steps", "wall_s", "attempts", "error")
 def report(workdir: str, out: str | None = None) -> list[dict]:
   """Writes the tables and plots into `out` (default WORKDIR/report); returns the rows."""
   out = out or os.path.join(workdir, "report")
-  os.makedirs(out, exist_ok=True)
+  metrics.check_folder(out, "the report's folder")
   sweep = sweep_study.load(workdir)
   study = sweep_study.open_study(sweep, workdir)
   trials = study.get_trials()
   rows = [row(sweep, workdir, t) for t in trials]
   columns = table_columns(sweep, rows)
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(markdown(sweep, rows))
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  metrics.write_atomically(os.path.join(out, "results.csv"), lambda f: f.write(table.getvalue().encode()))
+  metrics.write_atomically(os.path.join(out, "results.md"),
+                           lambda f: f.write(markdown(sweep, rows).encode()))
   plots(sweep, study, workdir, out)
   best = best_row(sweep, rows)
   print(f"{len(rows)} trials: tables and plots in {out}")
@@ -83,10 +85,13 @@ def row(sweep, workdir: str, t) -> dict:
 
 
 def read_json(path: str):
+  """A trial's results; None where it has none, or they are unreadable (said once)."""
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  results = metrics.read_json(path)
+  if results is None:
+    print(f"{path} is unreadable: that trial's row has no results")
+  return results
 
 
 def table_columns(sweep, rows: list[dict]) -> list[str]:
@@ -185,7 +190,7 @@ def save(axes, path: str) -> None:
   figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
   figure.set_size_inches(max(figure.get_size_inches()[0], 6.4), 4.8)
   figure.tight_layout()
-  figure.savefig(path, dpi=110)
+  metrics.write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=110))
   plt.close(figure)
 
 
@@ -195,7 +200,7 @@ def learning_curves(sweep, workdir: str, trials, out: str) -> None:
   fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
   groups = {}  # group -> colour
   for t in trials:
-    rows = read_jsonl(os.path.join(workdir, "trials", str(t.number), "metrics.jsonl"))
+    rows = metrics.read_rows(os.path.join(workdir, "trials", str(t.number), "metrics.jsonl"))
     train = [r for r in rows if r["split"] == "train"]
     loss_key = next((k for k in ("loss", "d_loss") if train and k in train[0]), None)
     group = " ".join(f"{k.lstrip(':').rsplit('.', 1)[-1]}={v if v != '' else 'default'}"
@@ -216,12 +221,7 @@ def learning_curves(sweep, workdir: str, trials, out: str) -> None:
   if 1 < len(groups) <= 20:
     ax_eval.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "learning_curves.png"), dpi=110)
+  metrics.write_atomically(os.path.join(out, "learning_curves.png"),
+                           lambda f: fig.savefig(f, format="png", dpi=110))
   plt.close(fig)
 
-
-def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
