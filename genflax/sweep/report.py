@@ -45,7 +45,8 @@ def report(workdir: str, out: str | None = None) -> list[dict]:
   writer = csv.DictWriter(table, columns)
   writer.writeheader()
   writer.writerows(rows)
-  metrics.write_atomically(os.path.join(out, "results.csv"), lambda f: f.write(table.getvalue().encode()))
+  metrics.write_atomically(os.path.join(out, "results.csv"),
+                           lambda f: f.write(table.getvalue().encode()))
   metrics.write_atomically(os.path.join(out, "results.md"),
                            lambda f: f.write(markdown(sweep, rows).encode()))
   plots(sweep, study, workdir, out)
