@@ -119,8 +119,8 @@ def load_or_train(data_dir, train, test, info, steps: int = 0):
           "test_accuracy": jnp.zeros(())})
       with _checkpointer() as ckptr:  # as NumPy: nothing here is a multi-host array
         return ckptr.restore(path, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract))
-    print(f"training the feature network of {info.name}'s scores ({steps or default} steps), "
-          f"once: it is kept in {path}", flush=True)
+    print(f"training the feature network that scores {info.name} images ({steps or default} "
+          f"steps), once: it is kept in {path}", flush=True)
     params, acc = train_classifier(train, test, info, steps or default)
     saved = jax.device_get({"params": params, "test_accuracy": jnp.asarray(acc)})
     save(path, saved)
