@@ -262,7 +262,8 @@ def check_workdir(workdir: str, config, latest_step: int | None, log=print) -> N
   if latest_step is None or not os.path.exists(path):
     return
   saved = metrics.read_json(path)
-  if saved is not None and "task" in saved:
+  readable = saved is not None and "task" in saved
+  if readable:
     theirs = identity(saved)
   else:
     meta = metrics.read_json(os.path.join(workdir, "checkpoints", str(latest_step), "meta",
@@ -281,17 +282,14 @@ def check_workdir(workdir: str, config, latest_step: int | None, log=print) -> N
         f"workdir {workdir} holds checkpoints (latest step {latest_step}) of another "
         f"experiment ({'; '.join(diffs)}). Use a new --workdir, or delete "
         f"{workdir} to start this one there.")
-  if saved is None or "task" not in saved:
+  if not readable:
     log(f"{path} is unreadable: checkpoint {latest_step} names this experiment, so it is "
         "written again from this command's config")
 
 
 def write_config(workdir: str, config) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+  text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+  metrics.write_atomically(os.path.join(workdir, "config.json"), lambda f: f.write(text.encode()))
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -82,8 +82,7 @@ def keep_history(path: str, step: int) -> set:
   rows kept."""
   if not os.path.exists(path):
     return set()
-  with open(path, "rb") as f:
-    lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+  lines = _lines(path, keepends=True)
   kept, unreadable = [], 0
   for i, line in enumerate(lines):
     row = _row(line)
@@ -102,9 +101,13 @@ def read_rows(path: str) -> list[dict]:
   """The rows of a metrics.jsonl ([] without one), skipping lines that are not rows."""
   if not os.path.exists(path):
     return []
+  return [row for row in map(_row, _lines(path)) if row is not None]
+
+
+def _lines(path: str, keepends: bool = False) -> list[str]:
+  """A text file's lines, bytes that are not UTF-8 replaced (they make no row)."""
   with open(path, "rb") as f:
-    lines = f.read().decode("utf-8", errors="replace").splitlines()
-  return [row for row in map(_row, lines) if row is not None]
+    return f.read().decode("utf-8", errors="replace").splitlines(keepends)
 
 
 def _row(line: str) -> dict | None:
