@@ -39,9 +39,15 @@ def resolve(kind: str, cpu_devices: int) -> str:
   split into several devices (config.cpu_devices, or XLA_FLAGS's count)."""
   if kind != "auto":
     return kind
-  forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
-  split = int(forced.group(1)) > 1 if forced else cpu_devices != 0
+  forced = forced_cpu_devices()
+  split = forced > 1 if forced else cpu_devices != 0
   return "system" if split else "keep"
+
+
+def forced_cpu_devices() -> int:
+  """The host device count XLA_FLAGS asks for; 0 if it names none."""
+  forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  return int(forced.group(1)) if forced else 0
 
 
 def keep_freed_memory() -> bool:

@@ -82,6 +82,21 @@ def split_cpu(count: int) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={count}".strip()
 
 
+def size_cpu_pool() -> None:
+  """XLA:CPU's thread pool at 16 threads per device when the host is split into
+  several devices and JAX's persistent compilation cache is on (sweeps turn it
+  on). A program read from that cache runs its collectives in any order
+  (jaxlib 0.10.2 gives each deserialised collective its own ordering resource),
+  each holding a pool thread until every device joins it: with the default
+  pool, one thread per core, they could take every thread and wait forever. A
+  program with C collectives on N devices holds at most (N-1)*C threads; the
+  configs' largest C is 14. PJRT_NPROC or NPROC in the environment wins."""
+  devices = hostmem.forced_cpu_devices()
+  if (devices > 1 and os.environ.get("JAX_COMPILATION_CACHE_DIR")
+      and not {"PJRT_NPROC", "NPROC"} & os.environ.keys()):
+    os.environ["PJRT_NPROC"] = str(max(usable_cores(), 16 * devices))
+
+
 def exit_now(message: str) -> None:
   """Prints the error and leaves at once: after a failed write, the threads of
   Orbax's save may never finish, and Python would wait for them at exit."""
@@ -102,6 +117,7 @@ def main(argv: list[str]) -> int:
   try:
     config, workdir = parse(argv)
     split_cpu(config.cpu_devices)
+    size_cpu_pool()
     hostmem.setup(config.host_malloc, config.cpu_devices)  # before jax starts any thread
     if _DISTRIBUTED.value or _COORDINATOR.value:
       start_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -8,15 +8,39 @@ import tempfile
 
 import pytest
 
+from genflax import main  # pylint: disable=g-import-not-at-top (imports no jax)
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
+
+
+def _session_dir(variable: str, prefix: str) -> None:
+  """os.environ[variable] = a new temporary folder, unless this is an xdist worker
+  that inherited the controller's."""
+  if not (os.environ.get("PYTEST_XDIST_WORKER") and
+          os.path.basename(os.environ.get(variable, "")).startswith(prefix)):
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+
+
 # Tests never read or write the user's ~/tensorflow_datasets. One data dir for the
 # session: pytest-xdist's workers inherit the one made here by the controller, so
 # Fashion-MNIST is prepared and each feature network trained once (preparing
 # takes turns through a lock; a network is saved by a rename).
-if not (os.environ.get("PYTEST_XDIST_WORKER") and
-        os.path.basename(os.environ.get("TFDS_DATA_DIR", "")).startswith("genflax_tfds_")):
-  os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="genflax_tfds_")
+_session_dir("TFDS_DATA_DIR", "genflax_tfds_")
+# JAX's persistent compilation cache, one for the session in the same way: a
+# program that one test or subprocess compiled (a config's train step, its
+# evaluation) is read back by every later one. The size limit turns on the
+# cache's file lock, so that no process reads an entry half-written; programs
+# that compile in under 0.1 s (op by op) stay out of it, as each write lists
+# the whole folder to check its size.
+_session_dir("JAX_COMPILATION_CACHE_DIR", "genflax_jax_cache_")
+os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.1",
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                  JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
+# An 8-device program read from the cache needs XLA:CPU's thread pool larger than
+# one thread per core (genflax.main.size_cpu_pool): 128 threads here, which the
+# subprocesses inherit.
+main.size_cpu_pool()
 os.environ["PYTHONUNBUFFERED"] = "1"
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position

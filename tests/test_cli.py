@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from genflax import checkpoints
+from genflax import checkpoints, main
 from tests import helpers
 
 SMOKE = "--config=configs/vae_digits.py:smoke"
@@ -108,6 +108,27 @@ def test_cpu_devices_splits_the_host_unless_the_environment_says(tmp_path):
                        "--config.train.num_steps=2")
   assert result.returncode == 0, result.stderr
   assert "over 8 cpu devices" in result.stdout
+
+
+@pytest.mark.parametrize("devices, cached, preset, want", [
+    (8, True, {}, str(max(16 * 8, main.usable_cores()))),  # 16 threads a device
+    (8, True, {"NPROC": "4"}, None),       # the environment's size wins
+    (8, True, {"PJRT_NPROC": "4"}, "4"),
+    (8, False, {}, None),                  # compiled afresh: collectives in order
+    (0, True, {}, None),                   # one device: nothing to wait for
+])
+def test_a_split_host_reading_compiled_programs_gets_a_pool_for_their_collectives(
+    monkeypatch, devices, cached, preset, want):
+  for name in ("PJRT_NPROC", "NPROC", "JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS"):
+    monkeypatch.delenv(name, raising=False)
+  if devices:
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
+  if cached:
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/cache")
+  for name, value in preset.items():
+    monkeypatch.setenv(name, value)
+  main.size_cpu_pool()
+  assert os.environ.get("PJRT_NPROC") == want
 
 
 @pytest.mark.slow

@@ -409,7 +409,10 @@ def test_sample_cli_writes_a_grid_from_the_latest_checkpoint(smoke_run, tmp_path
 
 def _launch_two(args, workdir):
   """Two local processes of `genflax.main ARGS` joined by jax.distributed, 2 CPU devices each."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  # Compiled afresh: a program read from JAX's cache may run its cross-process
+  # collectives in another order in each process (tests/conftest.py).
+  env = {**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
