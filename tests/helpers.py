@@ -3,8 +3,13 @@ import functools
 import glob
 import json
 import os
+import select
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 
@@ -40,56 +45,187 @@ def init(task, setup, rng):
   return tasks.run_once(functools.partial(task.init, setup), rng)
 
 
-def cli(*args: str, module: str = "genflax.main", timeout: float = 300,
-        **kwargs) -> subprocess.CompletedProcess:
-  """Runs `python -m MODULE ARGS` from the repo root."""
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout, **kwargs)
+def cli(*args: str, module: str = "genflax.main", timeout: float = 300, env=None,
+        fork: bool = True) -> subprocess.CompletedProcess:
+  """Runs `python -m MODULE ARGS` from the repo root (forked from the server below
+  where `env` allows it; fork=False: always a fresh interpreter)."""
+  if fork and _forkable(env):
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+      child = _server().start(module, args, env, out.fileno(), err.fileno())
+      code = child.wait(timeout)
+      out.seek(0), err.seek(0)
+      return subprocess.CompletedProcess([module, *args], code, out.read(), err.read())
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
 
 
-def popen(*args: str, stdout=subprocess.PIPE, **kwargs) -> subprocess.Popen:
-  """Starts `python -m genflax.main ARGS` from the repo root, stderr into stdout."""
-  return subprocess.Popen([sys.executable, "-m", "genflax.main", *args], cwd=ROOT,
-                          stdout=stdout, stderr=subprocess.STDOUT, text=True, **kwargs)
+def popen(*args: str, stdout=subprocess.PIPE, env=None):
+  """Starts `python -m genflax.main ARGS` from the repo root, stderr into stdout:
+  a subprocess.Popen, or its like for a child of the server below."""
+  if not _forkable(env):
+    return subprocess.Popen([sys.executable, "-m", "genflax.main", *args], cwd=ROOT, env=env,
+                            stdout=stdout, stderr=subprocess.STDOUT, text=True)
+  if stdout == subprocess.PIPE:
+    read, write = os.pipe()
+    child = _server().start("genflax.main", args, env, write, write)
+    os.close(write)
+    child.stdout = open(read)  # pylint: disable=consider-using-with
+    return child
+  return _server().start("genflax.main", args, env, stdout.fileno(), stdout.fileno())
 
 
-# One interpreter imports genflax.main and the libraries behind it once, then
-# forks a child per command line: each child runs genflax.main's own main()
-# from parsing to exit, as `python -m genflax.main` would, without paying
-# for the imports again (~3 s of CPU each). Children exit with main()'s
-# status; an exception that escapes it prints its traceback and exits 1.
-_FORKING_CLI = r"""
-import json, os, sys, traceback
-import jax, flax, optax, orbax.checkpoint, tensorflow_datasets  # noqa: the costly imports
-from genflax import main, trainer  # noqa
-outdir, commands = sys.argv[1], json.load(sys.stdin)
-for i, argv in enumerate(commands):
-  pid = os.fork()
-  if pid == 0:
-    for fd, name in ((1, "stdout"), (2, "stderr")):
-      os.dup2(os.open(os.path.join(outdir, f"{i}.{name}"), os.O_WRONLY | os.O_CREAT), fd)
-    sys.argv = ["genflax.main", *argv]  # ml_collections reads the overrides from sys.argv
-    try:
-      code = main.main(sys.argv)
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-      traceback.print_exc()
-      code = 1
-    sys.stdout.flush(); sys.stderr.flush()
-    os._exit(code)
-  _, status = os.waitpid(pid, 0)
-  open(os.path.join(outdir, f"{i}.rc"), "w").write(str(os.waitstatus_to_exitcode(status)))
+# ---- A fork server for the commands tests run
+#
+# A fresh `python -m genflax...` spends ~2.5 s of CPU importing jax, flax,
+# optax, orbax, tfds and genflax before it reads its command line. The server
+# imports them once (no JAX backend started, so forking is safe), then forks a child
+# per command that runs the module as `python -m` would (runpy), with the
+# command's environment, stdout and stderr: a process of its own that tests
+# signal, kill and wait for. What the interpreter and the server's libraries
+# read from the environment as they start (JAX's config, tfds's data dir,
+# malloc's settings) must be the server's; a command whose environment differs
+# there gets a fresh interpreter. (XLA_FLAGS is read later, when JAX starts
+# its backend in the child.)
+_BASE_ENV = dict(os.environ)  # as tests/conftest.py set it
+_READ_AT_START = ("JAX_", "TFDS_", "TF_", "PYTHON", "MALLOC_", "LD_")
+
+_SERVER = r"""
+import json, os, runpy, select, signal, socket, sys, traceback
+import jax, flax.linen, optax, orbax.checkpoint, tensorflow_datasets  # noqa: the costly imports
+import genflax.trainer, genflax.sweep.worker  # noqa: and genflax's, but for the modules run as commands
+sock = socket.socket(fileno=int(sys.argv[1]))
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w)
+signal.signal(signal.SIGCHLD, lambda *_: None)
+
+
+def run(request, out, err):
+  signal.set_wakeup_fd(-1)
+  signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+  os.dup2(out, 1), os.dup2(err, 2)
+  os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # as subprocess closes them (the fds sent too)
+  os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+  os.chdir(request["cwd"])
+  os.environ.clear()
+  os.environ.update(request["env"])
+  sys.argv = [request["module"], *request["args"]]
+  try:
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    code = 0
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (e.code is not None)
+    if isinstance(e.code, str):
+      print(e.code, file=sys.stderr)
+  except BaseException:  # as the interpreter would: the traceback, status 1
+    traceback.print_exc()
+    code = 1
+  sys.stdout.flush(), sys.stderr.flush()
+  os._exit(code)
+
+
+while True:
+  ready, _, _ = select.select([sock, wake_r], [], [])
+  if wake_r in ready:
+    os.read(wake_r, 4096)
+    while True:
+      try:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+      except ChildProcessError:
+        break
+      if not pid:
+        break
+      sock.send(json.dumps({"pid": pid, "code": os.waitstatus_to_exitcode(status)}).encode())
+  if sock in ready:
+    message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 2)
+    if not message:  # the test process is gone
+      break
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+      run(json.loads(message), *fds)
+    for fd in fds:
+      os.close(fd)
+    sock.send(json.dumps({"started": pid}).encode())
 """
 
 
-def cli_many(commands: list[list[str]], tmpdir, timeout: float = 600) -> list[subprocess.CompletedProcess]:
-  """`python -m genflax.main ARGS` for each ARGS in commands, one after another (see above)."""
-  subprocess.run([sys.executable, "-c", _FORKING_CLI, str(tmpdir)], cwd=ROOT, check=True,
-                 input=json.dumps(commands), text=True, timeout=timeout)
-  read = lambda i, name: open(os.path.join(tmpdir, f"{i}.{name}")).read()
-  return [subprocess.CompletedProcess(argv, int(read(i, "rc")), read(i, "stdout"), read(i, "stderr"))
-          for i, argv in enumerate(commands)]
+def _forkable(env) -> bool:
+  env = os.environ if env is None else env
+  return all(env.get(k) == _BASE_ENV.get(k) for k in env.keys() | _BASE_ENV.keys()
+             if k.startswith(_READ_AT_START))
+
+
+class _Child:
+  """A forked command, as much of subprocess.Popen as the tests use."""
+
+  def __init__(self, server, pid):
+    self.server, self.pid, self.returncode, self.stdout = server, pid, None, None
+
+  def poll(self):
+    self.server.collect(0)
+    return self.returncode
+
+  def wait(self, timeout=None):
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while self.returncode is None:
+      left = None if deadline is None else deadline - time.monotonic()
+      if left is not None and left <= 0:
+        self.kill()
+        raise subprocess.TimeoutExpired(self.pid, timeout)
+      self.server.collect(left)
+    return self.returncode
+
+  def communicate(self, timeout=None):
+    out = self.stdout.read() if self.stdout else None
+    self.wait(timeout)
+    return out, None
+
+  def send_signal(self, sig):
+    if self.poll() is None:
+      os.kill(self.pid, sig)
+
+  def kill(self):
+    self.send_signal(signal.SIGKILL)
+
+
+class _Server:
+  """The server process of this test process, and its children by pid."""
+
+  def __init__(self):
+    self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    self.process = subprocess.Popen([sys.executable, "-c", _SERVER, str(theirs.fileno())],
+                                    cwd=ROOT, env=_BASE_ENV, pass_fds=[theirs.fileno()],
+                                    stdout=subprocess.DEVNULL)
+    theirs.close()
+    self.children = {}
+
+  def start(self, module, args, env, out, err) -> _Child:
+    request = {"module": module, "args": list(args), "cwd": ROOT,
+               "env": dict(os.environ if env is None else env)}
+    socket.send_fds(self.sock, [json.dumps(request).encode()], [out, err])
+    while True:  # the reply to this request; other children may end meanwhile
+      message = self._receive(None)
+      if "started" in message:
+        child = self.children[message["started"]] = _Child(self, message["started"])
+        return child
+
+  def collect(self, timeout):
+    """Reads the exit statuses the server sends within `timeout` seconds (None: one at least)."""
+    while select.select([self.sock], [], [], timeout)[0]:
+      self._receive(timeout)
+      timeout = 0
+
+  def _receive(self, timeout):
+    message = json.loads(self.sock.recv(1 << 16))
+    if "code" in message and message["pid"] in self.children:
+      self.children.pop(message["pid"]).returncode = message["code"]
+    return message
+
+
+@functools.cache
+def _server() -> _Server:
+  return _Server()
 
 
 def sample_arrays(workdir: str, out, num: int, *flags: str) -> dict:

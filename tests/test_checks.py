@@ -2,9 +2,9 @@
 
 Every case runs genflax.main's command line in the same trained workdir, whose
 checkpoints must stay byte-identical. The cases run in children forked from
-one interpreter that imported the libraries once (tests/helpers.py,
-cli_many), so 60 command lines cost seconds rather than minutes; one case
-is checked against a fresh `python -m genflax.main`.
+one interpreter that imported the libraries once (tests/helpers.py, cli), so
+60 command lines cost seconds rather than minutes; one case is checked
+against a fresh `python -m genflax.main`.
 """
 import hashlib
 import os
@@ -115,19 +115,19 @@ def test_there_are_at_least_40_cases():
 
 @pytest.fixture(scope="module")
 def bad_runs(workdir, tmp_path_factory):
-  """Every BAD command line run against the trained workdir (helpers.cli_many)."""
+  """Every BAD command line run against the trained workdir."""
   w, _ = workdir
-  return helpers.cli_many([[f"--config=configs/{config}", f"--workdir={w}",
-                            *(f"--config.{o}" for o in overrides)]
-                           for config, overrides, _ in BAD], tmp_path_factory.mktemp("bad"))
+  return [helpers.cli(f"--config=configs/{config}", f"--workdir={w}",
+                      *(f"--config.{o}" for o in overrides))
+          for config, overrides, _ in BAD]
 
 
 @pytest.mark.slow
 def test_the_forking_cli_runs_main_as_the_command_line_does(workdir, tmp_path):
   w, _ = workdir
   args = [f"--config=configs/{VAE}", f"--workdir={w}", "--config.model.latent_dim=0"]
-  forked, = helpers.cli_many([args], tmp_path)
-  alone = helpers.cli(*args)
+  forked = helpers.cli(*args)
+  alone = helpers.cli(*args, fork=False)
   assert (forked.returncode, forked.stdout, forked.stderr) == (
       alone.returncode, alone.stdout, alone.stderr)
 

@@ -43,10 +43,10 @@ FLAG_ERRORS = [
 
 @pytest.fixture(scope="module")
 def flag_errors(tmp_path_factory):
-  """Every FLAG_ERRORS command line, run in a fresh directory (helpers.cli_many)."""
+  """Every FLAG_ERRORS command line, run in a fresh directory."""
   where = tmp_path_factory.mktemp("flag_errors")
   w = where / "w"
-  results = helpers.cli_many([[a.format(w=w) for a in args] for args, _ in FLAG_ERRORS], where)
+  results = [helpers.cli(*(a.format(w=w) for a in args)) for args, _ in FLAG_ERRORS]
   assert not os.path.exists(w) and not os.path.exists(os.path.join(helpers.ROOT, "x"))
   return results
 

@@ -3,7 +3,7 @@ saying so, what cannot is named in one line (exit status 2), and the
 checkpoints are left byte-identical either way.
 
 A finished smoke run is copied once per case, one file damaged, and the same
-command run again on it (all cases in one forking interpreter: helpers.cli_many).
+command run again on it.
 """
 import hashlib
 import json
@@ -65,7 +65,7 @@ def finished(tmp_path_factory):
     f.writelines([lines[0], b"\xff\xfe garbage\n", b"[1, 2]\n", b'{"no": "step"}\n', *lines[1:]])
   runs["metrics"] = workdir, len(commands)
   commands.append([*COMMAND, f"--workdir={workdir}", "--config.train.num_steps=16"])
-  done = helpers.cli_many(commands, tmp_path_factory.mktemp("out"))
+  done = [helpers.cli(*command) for command in commands]
   return {key: (w, done[i] if i is not None else None) for key, (w, i) in runs.items()}
 
 
@@ -112,7 +112,7 @@ def test_a_config_json_that_cannot_be_rebuilt_is_one_line_and_nothing_changes(
     meta.write_text(json.dumps(kept))
   before = _digest(workdir)
   del before["run.owner"]  # names the command that holds the workdir (this one, while it checks)
-  result, = helpers.cli_many([[*COMMAND, f"--workdir={workdir}"]], tmp_path)
+  result = helpers.cli(*COMMAND, f"--workdir={workdir}")
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
   assert result.stderr.strip() == (
       f"error: {workdir / 'config.json'} is unreadable, and checkpoint 12 does not say which "
