@@ -205,7 +205,7 @@ class _Server:
                "env": dict(os.environ if env is None else env)}
     socket.send_fds(self.sock, [json.dumps(request).encode()], [out, err])
     while True:  # the reply to this request; other children may end meanwhile
-      message = self._receive(None)
+      message = self._receive()
       if "started" in message:
         child = self.children[message["started"]] = _Child(self, message["started"])
         return child
@@ -213,11 +213,15 @@ class _Server:
   def collect(self, timeout):
     """Reads the exit statuses the server sends within `timeout` seconds (None: one at least)."""
     while select.select([self.sock], [], [], timeout)[0]:
-      self._receive(timeout)
+      self._receive()
       timeout = 0
 
-  def _receive(self, timeout):
-    message = json.loads(self.sock.recv(1 << 16))
+  def _receive(self):
+    data = self.sock.recv(1 << 16)
+    if not data:
+      raise RuntimeError("the tests' fork server has ended (its traceback went to the stderr "
+                         "of the test that started it)")
+    message = json.loads(data)
     if "code" in message and message["pid"] in self.children:
       self.children.pop(message["pid"]).returncode = message["code"]
     return message
