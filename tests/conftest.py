@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from genflax import main  # pylint: disable=g-import-not-at-top (imports no jax)
+from genflax import main  # imports no jax or tfds: the settings below still apply
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
