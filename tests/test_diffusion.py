@@ -182,15 +182,26 @@ def test_interrupted_run_resumes_bitwise(tmp_path):
 @pytest.fixture(scope="module")
 def conditional_runs(tmp_path_factory):
   """The conditional smoke config trained on one device and on eight: {devices: (final
-  evaluation, workdir)}."""
+  evaluation, workdir)}. The one-device run is the config's smoke run (for
+  tests/test_trainer.py's every config), with its final FID by sampler steps and
+  bits/dim; the eight-device one evaluates only what the two compare."""
   runs = {}
   for devices in (1, 8):
     workdir = str(tmp_path_factory.mktemp(f"data{devices}"))
-    config = helpers.config("diffusion_digits", "conditional,smoke", **{
-        "mesh.data": devices, "train.eval_every_steps": 1000, "eval.final_fid_steps": (),
-        "eval.final_nll": False})
-    runs[devices] = trainer.train(config, workdir), workdir
+    overrides = {"mesh.data": devices}
+    if devices == 8:
+      overrides.update({"train.eval_every_steps": 1000, "eval.final_fid_steps": (),
+                        "eval.final_nll": False})
+    runs[devices] = trainer.train(helpers.config("diffusion_digits", "conditional,smoke",
+                                                 **overrides), workdir), workdir
   return runs
+
+
+@pytest.mark.slow
+def test_the_smoke_run_reports_fid_by_sampler_steps_and_bits_per_dim(conditional_runs):
+  results = conditional_runs[1][0]
+  helpers.assert_smoke_ran(results)
+  assert {"fid", "fid_steps2", "nll_bpd", "nll_bpd_sem"} <= set(results), sorted(results)
 
 
 @pytest.mark.slow

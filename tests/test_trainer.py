@@ -359,8 +359,9 @@ def test_batches_gathered_on_the_devices_train_like_batches_from_the_host(tmp_pa
 
 
 # Trained by module fixtures instead, whose tests check the same: vae_digits by
-# smoke_run here, lm_shakespeare by tests/test_lm.py's smoke_run.
-SMOKE_RUN_ELSEWHERE = ("vae_digits", "lm_shakespeare")
+# smoke_run here, lm_shakespeare by tests/test_lm.py's smoke_run, diffusion_digits
+# (conditional) by tests/test_diffusion.py's conditional_runs.
+SMOKE_RUN_ELSEWHERE = ("vae_digits", "lm_shakespeare", "diffusion_digits")
 
 
 @pytest.mark.slow
@@ -448,17 +449,19 @@ def _assert_two_trained_like_one(args, tmp_path, key, rel):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one_through_a_sigterm_and_a_damaged_checkpoint(tmp_path):
   """jax.distributed over two local processes (2 CPU devices each) vs one process with 4.
 
   SIGTERM reaches process 1 only: both stop at the same step, within two
   steps of the signal, and save its checkpoint; run again, they finish like
-  the uninterrupted single process.
+  the uninterrupted single process. Then the newest checkpoint's data files
+  are cut in half: both processes call it unreadable, process 0 moves it
+  aside, both resume from the one before and finish as the undamaged run did.
   """
   args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=400",
-          "--config.train.eval_every_steps=1000", "--config.train.ckpt_every_steps=1000"]
-
-  launch = lambda: _launch_two(args, tmp_path / 'two')
+          "--config.train.eval_every_steps=1000", "--config.train.ckpt_every_steps=390"]
+  workdir = tmp_path / "two"
+  launch = lambda: _launch_two(args, workdir)
 
   procs = launch()
   first = _read_until(procs[0], "train step compiled")
@@ -467,14 +470,26 @@ def test_two_processes_train_like_one(tmp_path):
   assert "4 cpu devices, 2 process(es)" in "".join(first)
   stopped = int(outs[0].split("stopped by SIGTERM (process 1) at step ")[1].split(";")[0])
   received = int(outs[1].split("SIGTERM received by process 1 at step ")[1].split()[0])
-  assert 0 < stopped < 400 and 1 <= stopped - received <= 2  # all stop within two steps
-  assert _params(str(tmp_path / "two"))[0] == stopped
+  assert 0 < stopped < 390 and 1 <= stopped - received <= 2  # all stop within two steps
+  assert _params(str(workdir))[0] == stopped
 
   procs = launch()
   outs = _both_finish(procs)
   assert f"resumed from step {stopped}" in outs[0]
   assert "final eval" in outs[0] and "final eval" not in outs[1]  # process 0 reports
   _assert_two_trained_like_one(args, tmp_path, "neg_elbo", 1e-5)
+
+  want = json.load(open(workdir / "results.json"))
+  os.remove(workdir / "results.json")
+  for data_file in (workdir / "checkpoints" / "400" / "state").glob("ocdbt.process_*/d/*"):
+    os.truncate(data_file, data_file.stat().st_size // 2)  # each cut in half
+  outs = _both_finish(launch())
+  assert "Traceback" not in "".join(outs)
+  assert "checkpoint 400" in outs[0] and "set aside as" in outs[0]
+  assert "resumed from step 390" in outs[0]
+  assert sorted(os.listdir(workdir / "checkpoints")) == sorted(
+      [str(stopped), "390", "400", "400.unreadable"])
+  assert json.load(open(workdir / "results.json")) == want
 
 
 @pytest.mark.slow
@@ -489,28 +504,6 @@ def test_two_processes_with_one_flat_collective_train_like_one(tmp_path, how):
   outs = _both_finish(procs)
   assert "4 cpu devices, 2 process(es)" in outs[0]
   _assert_two_trained_like_one(args, tmp_path, None, None)
-
-
-@pytest.mark.slow
-def test_two_processes_set_a_damaged_checkpoint_aside_together(tmp_path):
-  """The newest checkpoint's data files cut in half: both processes
-  call it unreadable, process 0 moves it aside, both resume from the one
-  before and finish as the undamaged run did."""
-  args = ["--config=configs/vae_digits.py:smoke"]
-  procs = _launch_two(args, tmp_path)  # checkpoints 8 and 12
-  outs = _both_finish(procs)
-  want = json.load(open(tmp_path / "results.json"))
-  os.remove(tmp_path / "results.json")
-  state = tmp_path / "checkpoints" / "12" / "state"
-  for data_file in state.glob("ocdbt.process_*/d/*"):  # each cut in half
-    os.truncate(data_file, data_file.stat().st_size // 2)
-  procs = _launch_two(args, tmp_path)
-  outs = _both_finish(procs)
-  assert "Traceback" not in "".join(outs)
-  assert "checkpoint 12" in outs[0] and "set aside as" in outs[0]
-  assert "resumed from step 8" in outs[0]
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "12.unreadable", "8"]
-  assert json.load(open(tmp_path / "results.json")) == want
 
 
 @pytest.mark.slow
