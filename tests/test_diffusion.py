@@ -1,6 +1,8 @@
 """The diffusion family: preconditioning, samplers against a Gaussian's exact solution,
 guidance, training, resume, devices, the sample CLI."""
 import functools
+import os
+import shutil
 import types
 
 import jax
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genflax import checkpoints, data, sharding, tasks, trainer
+from genflax import data, trainer
 from genflax.tasks import diffusion
 from tests import helpers
 
@@ -145,40 +147,6 @@ def test_a_short_run_lowers_the_loss(arg):
   assert last < 0.9 * first, (first, last)
 
 
-@pytest.mark.slow
-def test_interrupted_run_resumes_bitwise(tmp_path):
-  """Steps 0-12 straight equal 0-6, an Orbax save and restore, then 6-12: the
-  parameters, the optimizer state and the EMA survive, and so does the label
-  dropout's randomness."""
-  config = helpers.config("diffusion_digits", "conditional,smoke", **{"mesh.data": 1})
-  train, _, info = data.load("digits")
-  setup = diffusion.build(config, info)
-  init, abstract, _ = trainer.state_layout(diffusion, setup, sharding.make_mesh(config.mesh))
-  batches = data.Batches(train, config.data.batch_size, config.seed)
-
-  @jax.jit
-  def step(state, batch):  # the trainer's wrapping: the step's RNG depends on the step
-    rng = jax.random.fold_in(state["rng"], state["step"])
-    task_state, _ = diffusion.train_step(setup, state["task"], batch, rng)
-    return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}
-
-  def run(state, start, stop):
-    for i in range(start, stop):
-      state = step(state, batches.get(i))
-    return state
-
-  want = run(tasks.run_once(init, *tasks.run_keys(0)), 0, 12)
-  mngr = checkpoints.manager(str(tmp_path))
-  checkpoints.save(mngr, 6, run(tasks.run_once(init, *tasks.run_keys(0)), 0, 6), {"step": 6})
-  mngr.wait_until_finished()
-  restored, meta = checkpoints.restore(mngr, abstract)
-  got = run(restored, meta["step"], 12)
-  assert set(got["task"]) == {"params", "opt_state", "ema"}
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
-  ema, params = got["task"]["ema"], got["task"]["params"]
-  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(params)))
-
-
 @pytest.fixture(scope="module")
 def conditional_runs(tmp_path_factory):
   """The conditional smoke config trained on one device and on eight: {devices: (final
@@ -202,6 +170,25 @@ def test_the_smoke_run_reports_fid_by_sampler_steps_and_bits_per_dim(conditional
   results = conditional_runs[1][0]
   helpers.assert_smoke_ran(results)
   assert {"fid", "fid_steps2", "nll_bpd", "nll_bpd_sem"} <= set(results), sorted(results)
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_bitwise(conditional_runs, tmp_path):
+  """The one-device run again from its checkpoint at step 8 (its last, 12, and its
+  results gone) ends as it did: the parameters, the optimizer state and the EMA
+  survive Orbax's save and restore, and so does the label dropout's randomness."""
+  results, workdir = conditional_runs[1]
+  again = tmp_path / "again"
+  shutil.copytree(workdir, again)
+  shutil.rmtree(again / "checkpoints" / "12")
+  os.remove(again / "results.json")
+  config = helpers.config("diffusion_digits", "conditional,smoke", **{"mesh.data": 1})
+  assert trainer.train(config, str(again)) == {**results, "train_step_traces": 1}
+  got, want = (jax.device_get(trainer.load_run(str(w))[2]) for w in (again, workdir))
+  assert set(got) == {"params", "opt_state", "ema"}
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  ema, params = got["ema"], got["params"]
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(params)))
 
 
 @pytest.mark.slow

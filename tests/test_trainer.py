@@ -498,7 +498,7 @@ def test_two_processes_with_one_flat_collective_train_like_one(tmp_path, how):
   """train.grad_allreduce=flat|reduce_scatter across processes (gloo): the
   gradient as one buffer per step, the same shards, so the same randomness,
   as one process with 4 devices."""
-  args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=100",
+  args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=40",
           "--config.train.eval_every_steps=1000", f"--config.train.grad_allreduce={how}"]
   procs = _launch_two(args, tmp_path / "two")
   outs = _both_finish(procs)
@@ -514,7 +514,8 @@ def test_two_processes_train_the_gan_and_the_lm_like_one(tmp_path, name):
   one process's with 4 devices."""
   features = tmp_path / "features"  # the GAN's feature network, trained here once
   args = [f"--config=configs/{name}.py:smoke", "--config.train.num_steps=16",
-          f"--config.data.data_dir={features}"] if name == "gan_digits" else [
+          f"--config.data.data_dir={features}", "--config.eval.feature_steps=50"
+          ] if name == "gan_digits" else [
           f"--config=configs/{name}.py:smoke", "--config.train.num_steps=16"]
   procs = _launch_two(args, tmp_path / "two")
   outs = _both_finish(procs)
