@@ -38,7 +38,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from genflax import configfile, errors, hostmem, main as genflax_main, metrics, tasks, trainer
+from genflax import configfile, errors, files, hostmem, main as genflax_main, metrics, tasks, trainer
 from genflax.errors import ConfigError
 from genflax.models import conv, layers
 
@@ -353,7 +353,7 @@ def main():
     return
   print(markdown(results))
   if args.out:
-    metrics.write_json(args.out, results)
+    files.write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from genflax import configfile, errors, metrics, platform, sharding, trainer
+from genflax import configfile, errors, files, metrics, platform, sharding, trainer
 from genflax.tasks import lm
 
 PLANS = {
@@ -108,7 +108,7 @@ def main():
       print(json.dumps(row), flush=True)
   print(markdown(rows))
   if args.out:
-    metrics.write_json(args.out, rows)
+    files.write_json(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from genflax import errors, metrics
+from genflax import errors, files, metrics
 from genflax.sweep import worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +104,7 @@ def main() -> None:
     result["speedup_2_workers"][one["sweep"]] = one["wall_s"] / two["wall_s"]
     print(f"{one['config']}: 2 workers / 1 worker: {one['wall_s'] / two['wall_s']:.2f}x")
   if args.out:
-    metrics.write_json(args.out, result)
+    files.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from genflax import metrics
+from genflax import files
 from genflax.errors import CheckpointError, UserError
 
 # Config entries that define an experiment. Resuming with others changed
@@ -261,12 +261,12 @@ def check_workdir(workdir: str, config, latest_step: int | None, log=print) -> N
   path = os.path.join(workdir, "config.json")
   if latest_step is None or not os.path.exists(path):
     return
-  saved = metrics.read_json(path)
+  saved = files.read_json(path)
   readable = saved is not None and "task" in saved
   if readable:
     theirs = identity(saved)
   else:
-    meta = metrics.read_json(os.path.join(workdir, "checkpoints", str(latest_step), "meta",
+    meta = files.read_json(os.path.join(workdir, "checkpoints", str(latest_step), "meta",
                                           "metadata")) or {}
     theirs = {k: v for k, v in meta.items()
               if any(k == key or k.startswith(key + ".") for key in IDENTITY_KEYS)}
@@ -289,7 +289,7 @@ def check_workdir(workdir: str, config, latest_step: int | None, log=print) -> N
 
 def write_config(workdir: str, config) -> None:
   text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-  metrics.write_atomically(os.path.join(workdir, "config.json"), lambda f: f.write(text.encode()))
+  files.write_atomically(os.path.join(workdir, "config.json"), lambda f: f.write(text.encode()))
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -324,18 +324,14 @@ def run_lock(workdir: str, holder: bool = True):
   try:
     lock.acquire(timeout=0)
   except filelock.Timeout:
-    try:
-      with open(owner) as f:
-        who = json.load(f)
-      who = f"process {who['pid']} on {who['host']}, since {who['since']}"
-    except (OSError, ValueError, KeyError):
-      who = "a process that has not said who it is yet"
+    who = files.read_json(owner) or {}  # {} while it is written, or if it is damaged
+    who = (f"process {who['pid']} on {who['host']}, since {who['since']}"
+           if {"pid", "host", "since"} <= set(who) else "a process that has not said who it is yet")
     raise UserError(f"workdir {workdir} is in use by another run ({who}); wait for it to "
                     "end, or stop it, then run this again") from None
   try:
-    with open(owner, "w") as f:
-      json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+    files.write_json(owner, {"pid": os.getpid(), "host": socket.gethostname(),
+                               "since": time.strftime("%Y-%m-%d %H:%M:%S")})
     yield
   finally:
     lock.release()

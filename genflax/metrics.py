@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from genflax import files
 from genflax.errors import ConfigError, UserError
 
 
@@ -93,7 +94,7 @@ def keep_history(path: str, step: int) -> set:
   if unreadable:
     print(f"{path}: {unreadable} unreadable line(s) dropped; the other rows are kept", flush=True)
   if kept != lines:
-    write_atomically(path, lambda f: f.write("".join(kept).encode()))
+    files.write_atomically(path, lambda f: f.write("".join(kept).encode()))
   return {(r["step"], r["split"]) for r in map(_row, kept)}
 
 
@@ -173,7 +174,7 @@ def save_sample_grid(path: str, images, rows: int, cols: int) -> None:
   written whole or not at all)."""
   images = np.asarray(jax.device_get(images))
   picture = tile(images.reshape(rows, cols, *images.shape[1:]))
-  write_atomically(path, lambda f: save_png(f, picture))
+  files.write_atomically(path, lambda f: save_png(f, picture))
   print(f"wrote {rows * cols} samples to {path}")
 
 
@@ -197,37 +198,6 @@ def check_folder(folder: str, what: str = "--out") -> None:
   if not os.access(folder, os.W_OK):
     raise UserError(f"{what} {folder} is not writable: name a folder where files can be "
                     "written")
-
-
-def read_json(path: str) -> dict | None:
-  """The JSON object in a file genflax wrote; None if it is unreadable (cut short,
-  overwritten, not an object)."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (OSError, ValueError):  # ValueError: bad JSON, or bytes that are not UTF-8
-    return None
-  return value if isinstance(value, dict) else None
-
-
-def write_json(path: str, value) -> None:
-  """value as indented JSON at path, written atomically (write_atomically)."""
-  write_atomically(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
-
-
-def write_atomically(path: str, write) -> None:
-  """write(file object) into a temporary file beside path, then renamed onto path:
-  a kill at any moment leaves the old file or the new one. Parent folders are made."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def format_duration(seconds: float) -> str:

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from genflax import files
 from genflax.errors import ConfigError, UserError
 
 KINDS = ("char", "sentencepiece")
@@ -20,6 +21,7 @@ KINDS = ("char", "sentencepiece")
 class CharTokenizer:
   """One token per character; a character not in the vocabulary is an error."""
   kind = "char"
+  FILE = "chars.json"
 
   def __init__(self, chars: str):
     self.chars = chars
@@ -47,20 +49,30 @@ class CharTokenizer:
     return "".join(self.chars[i] for i in np.asarray(ids).reshape(-1))
 
   def save(self, directory: str) -> None:
-    _write(os.path.join(directory, "chars.json"), json.dumps(self.chars).encode())
+    files.write_atomically(os.path.join(directory, self.FILE),
+                             lambda f: f.write(json.dumps(self.chars).encode()))
 
   @classmethod
   def load(cls, directory: str) -> "CharTokenizer | None":
-    path = os.path.join(directory, "chars.json")
+    """The tokenizer saved in directory; None if there is none, _Unreadable if
+    its file is damaged."""
+    path = os.path.join(directory, cls.FILE)
     if not os.path.exists(path):
       return None
-    with open(path) as f:
-      return cls(json.load(f))
+    try:
+      with open(path, encoding="utf-8") as f:
+        chars = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+      raise _Unreadable(path, e) from None
+    if not isinstance(chars, str) or not chars or len(set(chars)) != len(chars):
+      raise _Unreadable(path, "not a string of distinct characters")
+    return cls(chars)
 
 
 class SentencePieceTokenizer:
   """Subword tokens of a sentencepiece BPE model; newline is a token of its own."""
   kind = "sentencepiece"
+  FILE = "spm.model"
 
   def __init__(self, model_proto: bytes):
     import sentencepiece as spm  # Imported here: char-level runs do not need it.
@@ -89,36 +101,51 @@ class SentencePieceTokenizer:
     return self._sp.decode(np.asarray(ids).reshape(-1).tolist())
 
   def save(self, directory: str) -> None:
-    _write(os.path.join(directory, "spm.model"), self.model_proto)
+    files.write_atomically(os.path.join(directory, self.FILE),
+                             lambda f: f.write(self.model_proto))
 
   @classmethod
   def load(cls, directory: str) -> "SentencePieceTokenizer | None":
-    path = os.path.join(directory, "spm.model")
+    """The tokenizer saved in directory; None if there is none, _Unreadable if
+    its file is damaged."""
+    path = os.path.join(directory, cls.FILE)
     if not os.path.exists(path):
       return None
-    with open(path, "rb") as f:
-      return cls(f.read())
+    try:
+      with open(path, "rb") as f:
+        tokenizer = cls(f.read())
+    except (OSError, RuntimeError) as e:  # RuntimeError: sentencepiece cannot parse it
+      raise _Unreadable(path, str(e).splitlines()[0]) from None
+    if not tokenizer.vocab_size:  # an empty file parses as a model of no pieces
+      raise _Unreadable(path, "a model of no pieces")
+    return tokenizer
+
+
+class _Unreadable(Exception):
+  """A saved tokenizer's file that cannot be read back."""
+
+  def __init__(self, path: str, why):
+    super().__init__(f"{path} is unreadable ({why})")
 
 
 def load_or_train(kind: str, directory: str, train_text: str, vocab_size: int = 0):
-  """The tokenizer saved in `directory`, or one trained on `train_text` and saved there."""
+  """The tokenizer saved in `directory`, or one trained on `train_text` and saved there.
+
+  A saved one that is unreadable (cut short, overwritten) is trained again, with
+  a line that says so: training is deterministic, so the run's checkpoints
+  still match it."""
   if kind not in KINDS:
     raise ConfigError(f"tokenizer {kind!r}: expected one of {KINDS}")
   cls = CharTokenizer if kind == "char" else SentencePieceTokenizer
-  tokenizer = cls.load(directory)
+  try:
+    tokenizer = cls.load(directory)
+  except _Unreadable as e:
+    print(f"{e}: the tokenizer is trained again from the training text", flush=True)
+    tokenizer = None
   if tokenizer is None:
     tokenizer = cls.train(train_text) if kind == "char" else cls.train(train_text, vocab_size)
-    os.makedirs(directory, exist_ok=True)
     tokenizer.save(directory)
   elif kind == "sentencepiece" and tokenizer.vocab_size != vocab_size:
     raise ConfigError(f"{directory} holds a {tokenizer.vocab_size}-token sentencepiece "
                       f"model, but the config asks for {vocab_size}; use a new workdir")
   return tokenizer
-
-
-def _write(path: str, content: bytes) -> None:
-  # A whole file, then renamed: a concurrent reader never sees half of one.
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(content)
-  os.replace(tmp, path)

@@ -52,8 +52,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from genflax import (checkpoints, checks, data, evaluation, metrics, optim, platform, sharding,
-                     tasks)
+from genflax import (checkpoints, checks, data, evaluation, files, metrics, optim, platform,
+                     sharding, tasks)
 from genflax.errors import ConfigError, UserError
 
 
@@ -110,7 +110,7 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
   step = 0 if resumed_step is None else resumed_step
   results_path = os.path.join(workdir, "results.json")
   if step >= config.train.num_steps and os.path.exists(results_path):
-    results = metrics.read_json(results_path)
+    results = files.read_json(results_path)
     if results is not None:
       log(f"already trained to step {step}; results in {results_path}")
       return results
@@ -321,7 +321,7 @@ def _end(loop: _Loop, pruned: bool, stop_reason, results_path: str) -> dict:
   results = loop.evaluate(loop.state, step, final=True)
   results.update(step=step, num_params=num_params(loop.state), train_step_traces=traces)
   if jax.process_index() == 0:
-    metrics.write_json(results_path, results)
+    files.write_json(results_path, results)
   loop.writer.close()
   loop.mngr.close()
   return results
@@ -459,7 +459,7 @@ def load_run(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a genflax run: it has no config.json")
-  saved = metrics.read_json(path)
+  saved = files.read_json(path)
   if saved is None or "task" not in saved:
     raise UserError(f"{path} is unreadable: run the command that trained {workdir} again, "
                     "which writes it again (and resumes the run, or says it is finished)")

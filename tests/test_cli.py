@@ -142,6 +142,10 @@ def test_a_second_run_in_the_same_workdir_is_refused_until_the_first_is_gone(tmp
       break
   message = _error(helpers.cli(*args))
   assert "is in use by another run" in message and f"process {first.pid} on " in message
+  for damaged in (b"", b'{"pid": 12', os.urandom(40), b"[1, 2, 3]"):  # who holds it: unknown
+    (tmp_path / "run.owner").write_bytes(damaged)
+    message = _error(helpers.cli(*args))
+    assert "is in use by another run (a process that has not said who it is yet)" in message
   first.kill()  # no clean exit: the kernel frees the lock
   first.wait()
   again = helpers.cli(SMOKE, f"--workdir={tmp_path}", "--config.train.num_steps=4")

@@ -1,32 +1,38 @@
-"""Damaged files in a workdir: what can be rebuilt is rebuilt with one line
-saying so, what cannot is named in one line (exit status 2), and the
-checkpoints are left byte-identical either way.
+"""Damaged files: what can be rebuilt is rebuilt with one line saying so, what
+cannot is named in one line (exit status 2), and the checkpoints are left
+byte-identical either way.
 
-A finished smoke run is copied once per case, one file damaged, and the same
-command run again on it.
+The workdir's files: a finished smoke run is copied once per case, one file
+damaged, and the same command run again on it. The files genflax rebuilds (a
+prepared dataset, the feature network, a tokenizer): each damaged in a copy
+and read again, which must say so and give back what the undamaged copy gave.
 """
 import hashlib
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
-from genflax import trainer
+from genflax import data, tokenizers, trainer
+from genflax.data import shakespeare
 from genflax.errors import UserError
+from genflax.tasks import image_metrics
 from tests import helpers
-
-pytestmark = pytest.mark.slow
 
 COMMAND = ["--config=configs/vae_digits.py:smoke"]
 
 
 def _damage(path, how: str) -> None:
-  """Damages the file at `path`: empty, cut to half, random bytes, or valid JSON
-  of the wrong shape."""
-  data = open(path, "rb").read()
-  damaged = {"empty": b"", "half": data[:len(data) // 2],
-             "bytes": os.urandom(max(len(data), 64)), "shape": b"[1, 2, 3]\n"}[how]
+  """Damages the file at `path`: gone, empty, cut to half, random bytes, or
+  valid JSON of the wrong shape."""
+  if how == "missing":
+    os.remove(path)
+    return
+  content = open(path, "rb").read()
+  damaged = {"empty": b"", "half": content[:len(content) // 2],
+             "bytes": os.urandom(max(len(content), 64)), "shape": b"[1, 2, 3]\n"}[how]
   with open(path, "wb") as f:
     f.write(damaged)
 
@@ -69,6 +75,7 @@ def finished(tmp_path_factory):
   return {key: (w, done[i] if i is not None else None) for key, (w, i) in runs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, how", CASES)
 def test_a_damaged_file_the_run_can_rebuild_is_rebuilt_and_said_so(finished, name, how):
   run, _ = finished[None]
@@ -86,6 +93,7 @@ def test_a_damaged_file_the_run_can_rebuild_is_rebuilt_and_said_so(finished, nam
   assert _digest(workdir / "checkpoints") == _digest(run / "checkpoints")
 
 
+@pytest.mark.slow
 def test_unreadable_history_lines_are_dropped_and_said_so(finished):
   run, _ = finished[None]
   workdir, result = finished["metrics"]
@@ -97,6 +105,7 @@ def test_unreadable_history_lines_are_dropped_and_said_so(finished):
   assert [(r["step"], r["split"]) for r in rows[len(before):]] == [(16, "train"), (16, "final")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", DAMAGES)
 def test_a_config_json_that_cannot_be_rebuilt_is_one_line_and_nothing_changes(
     finished, tmp_path, how):
@@ -124,3 +133,114 @@ def test_a_config_json_that_cannot_be_rebuilt_is_one_line_and_nothing_changes(
   with pytest.raises(UserError, match=r"config.json is unreadable: run the command that "
                                       r"trained .* again, which writes it again"):
     trainer.load_run(str(workdir))
+
+
+# ---- Files genflax rebuilds
+
+# The prepared digits' files: rebuilt when damaged, or not read (tfds takes the
+# features from dataset_info.json).
+PREPARED = {"dataset_info.json": "rebuilt", "features.json": "not read",
+            "digits-train.array_record-00000-of-00001": "rebuilt",
+            "digits-test.array_record-00000-of-00001": "rebuilt"}
+
+
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory):
+  """A data dir with digits prepared, and what loading it gives."""
+  data_dir = tmp_path_factory.mktemp("prepared")
+  return data_dir, data.load("digits", str(data_dir))
+
+
+@pytest.mark.parametrize("how", ("missing", "empty", "half", "bytes"))
+@pytest.mark.parametrize("name", PREPARED)
+def test_a_damaged_prepared_dataset_is_prepared_again_and_said_so(prepared_digits, tmp_path,
+                                                                  capsys, name, how):
+  data_dir, want = prepared_digits
+  shutil.copytree(data_dir / "digits", tmp_path / "digits")
+  _damage(tmp_path / "digits" / "1.0.0" / name, how)
+  train, test, info = data.load("digits", str(tmp_path))
+  said = capsys.readouterr().out.splitlines()
+  if PREPARED[name] == "rebuilt":
+    assert said[0].startswith(f"the prepared dataset in {tmp_path / 'digits' / '1.0.0'} is "
+                              "unreadable (") and said[0].endswith("): it is prepared again"), said
+    assert said[1].startswith("preparing digits from ") and len(said) == 2, said
+    assert sorted(os.listdir(tmp_path / "digits" / "1.0.0")) == sorted(
+        os.listdir(data_dir / "digits" / "1.0.0"))
+  else:
+    assert not said
+  assert info == want[2]
+  for got, expected in ((train, want[0]), (test, want[1])):
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+
+
+@pytest.fixture(scope="module")
+def feature_network(tmp_path_factory, prepared_digits):
+  """A data dir holding the digits feature network of 20 steps, and its features of
+  the test images."""
+  data_dir, (train, test, info) = prepared_digits
+  fn, accuracy = image_metrics.load_or_train(str(data_dir), train, test, info, steps=20)
+  return data_dir, fn(image_metrics.scale(test["image"], info.num_levels)), accuracy
+
+
+# An Orbax checkpoint's files: its tree's description, the index of its data, the
+# process's own index (which the first one repeats), the data. Restoring reads
+# _METADATA when it is there (the caller gives the tree, so it may be missing) and
+# not the process's index.
+NETWORK_FILES = ("_METADATA", "manifest.ocdbt", "ocdbt.process_0/manifest.ocdbt",
+                 "ocdbt.process_0/d/*")
+NOT_READ = {("_METADATA", "missing"), *(("ocdbt.process_0/manifest.ocdbt", how)
+                                        for how in ("missing", "empty", "half", "bytes"))}
+
+
+@pytest.mark.parametrize("how", ("missing", "empty", "half", "bytes"))
+@pytest.mark.parametrize("name", NETWORK_FILES)
+def test_a_damaged_feature_network_is_trained_again_and_said_so(feature_network, prepared_digits,
+                                                                tmp_path, capsys, name, how):
+  data_dir, want, accuracy = feature_network
+  _, (train, test, info) = prepared_digits
+  path = tmp_path / "genflax_features" / "digits-steps20"
+  shutil.copytree(data_dir / "genflax_features" / "digits-steps20", path)
+  for target in path.glob(name):
+    _damage(target, how)
+  fn, got_accuracy = image_metrics.load_or_train(str(tmp_path), train, test, info, steps=20)
+  said = capsys.readouterr().out.splitlines()
+  if (name, how) not in NOT_READ:
+    assert said[0].startswith(f"the feature network in {path} is unreadable ("), said
+    assert said[0].endswith("): it is trained again") and len(said) == 1, said
+  else:
+    assert not said
+  assert got_accuracy == accuracy
+  got = fn(image_metrics.scale(test["image"], info.num_levels))
+  np.testing.assert_array_equal(got[0], want[0])
+  assert os.listdir(tmp_path / "genflax_features") == ["digits-steps20"]  # nothing left over
+
+
+TEXT = shakespeare.corpus()[:60_000]
+
+
+@pytest.fixture(scope="module")
+def saved_tokenizers(tmp_path_factory):
+  """{kind: (directory, tokenizer)}: a char and a sentencepiece tokenizer trained and saved."""
+  out = {}
+  for kind, vocab in (("char", 0), ("sentencepiece", 400)):
+    directory = tmp_path_factory.mktemp(kind)
+    out[kind] = directory, tokenizers.load_or_train(kind, str(directory), TEXT, vocab)
+  return out
+
+
+@pytest.mark.parametrize("kind, how", [*(("char", h) for h in ("empty", "half", "bytes", "shape")),
+                                       *(("sentencepiece", h) for h in ("empty", "half", "bytes"))])
+def test_a_damaged_tokenizer_is_trained_again_and_said_so(saved_tokenizers, tmp_path, capsys,
+                                                          kind, how):
+  directory, tokenizer = saved_tokenizers[kind]
+  shutil.copytree(directory, tmp_path / "tokenizer")
+  path = tmp_path / "tokenizer" / os.listdir(directory)[0]
+  _damage(path, how)
+  vocab = tokenizer.vocab_size if kind == "sentencepiece" else 0
+  again = tokenizers.load_or_train(kind, str(tmp_path / "tokenizer"), TEXT, vocab)
+  said = capsys.readouterr().out.splitlines()
+  assert len(said) == 1 and said[0].startswith(f"{path} is unreadable ("), said
+  assert said[0].endswith("): the tokenizer is trained again from the training text"), said
+  assert open(path, "rb").read() == open(directory / path.name, "rb").read()
+  np.testing.assert_array_equal(again.encode(TEXT[-3000:]), tokenizer.encode(TEXT[-3000:]))

@@ -410,6 +410,25 @@ def test_unprepared_catalogue_dataset_says_how_to_build(tmp_path):
           in message)
 
 
+@pytest.mark.parametrize("name", ["dataset_info.json", "records"])
+def test_a_damaged_catalogue_dataset_is_one_line_that_says_to_copy_it_again(catalogue_dir,
+                                                                            tmp_path, name):
+  """Prepared elsewhere (tfds build), so genflax cannot prepare it again."""
+  shutil.copytree(os.path.join(catalogue_dir, "genflax_test_images"),
+                  tmp_path / "genflax_test_images")
+  prepared = tmp_path / "genflax_test_images" / "1.0.0"
+  for path in (prepared.glob("*train.array_record*") if name == "records"
+               else [prepared / name]):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  with pytest.raises(UserError) as e:
+    data.load("genflax_test_images", data_dir=str(tmp_path))
+  message = str(e.value)
+  assert message.startswith("dataset 'genflax_test_images' in ") and " is unreadable (" in message
+  assert message.endswith("genflax cannot prepare it: copy it again from where `tfds build "
+                          f"genflax_test_images --data_dir={tmp_path} --file_format=array_record`"
+                          " made it"), message
+
+
 def test_tfrecord_dataset_says_to_rebuild(catalogue_dir, tmp_path):
   shutil.copytree(os.path.join(catalogue_dir, "genflax_test_images"),
                   tmp_path / "genflax_test_images")

@@ -282,6 +282,35 @@ def test_the_report_tables_equal_the_trials_results(grid_sweep, tmp_path):
   assert (copy / "report" / "learning_curves.png").stat().st_size > 5000
 
 
+# A sweep's files that genflax cannot rebuild, each damaged in each way.
+SWEEP_DAMAGE = [("sweep.json", how) for how in ("empty", "half", "bytes", "shape")] + [
+    ("study.journal", how) for how in ("empty", "bytes", "shape", "garbage_line")]
+
+
+@pytest.mark.parametrize("name, how", SWEEP_DAMAGE)
+def test_a_damaged_sweep_file_is_refused_in_one_line_and_nothing_changes(grid_sweep, tmp_path,
+                                                                         name, how):
+  workdir, _ = grid_sweep
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  content = (copy / name).read_bytes()
+  (copy / name).write_bytes({
+      "empty": b"", "half": content[:len(content) // 2], "bytes": os.urandom(len(content)),
+      "shape": b"[1, 2, 3]\n", "garbage_line": content[:200] + b"not JSON\n" + content[200:],
+  }[how])
+  before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+  commands = [("report", str(copy))]
+  if how == "empty":  # the sweep command itself, which would otherwise start a new study
+    commands.append((f"--workdir={copy}",))
+  for args in commands:
+    message = _error(sweep_cli(*args))
+    assert message.startswith(f"error: {copy / name} is unreadable" if (name, how) != (
+        "study.journal", "empty") else f"error: {copy / name} holds no study 'genflax', "
+        f"but {copy / 'trials'} holds its trials"), message
+    assert message.endswith(f"(nothing in {copy} was changed)"), message
+  assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.slow
 def test_rerunning_a_finished_sweep_runs_nothing_and_another_sweep_is_refused(grid_sweep):
   workdir, _ = grid_sweep

@@ -56,24 +56,32 @@ def load(name: str, data_dir: str | None = None,
   (IDX_DATASETS) reads its files when preparing; None: its default.
   """
   if name == "digits":
-    builder = digits.prepared_builder(data_dir)
-  elif name in IDX_DATASETS:
-    builder = _idx_builder(name, data_dir, idx_dir)
-    if builder.builder_config:  # `idx`: one dataset per set of files
-      name = f"{name}/{builder.builder_config.name}"
-  else:
-    builder = _catalogue_builder(name, data_dir)
-  image_shape, num_classes = _describe(builder)
-  key = (builder.data_dir, _stamp(builder.data_dir))
-  if key not in _LOADED:
-    source = _data_source(builder)
-    splits = tuple(_read(source[s], image_shape, num_classes > 0)
-                   for s in _splits(builder, "train", "test"))
-    for array in (a for split in splits for a in split.values()):
-      array.flags.writeable = False  # shared by every later load of these files
-    while len(_LOADED) >= _KEEP:
-      del _LOADED[next(iter(_LOADED))]
-    _LOADED[key] = splits
+    return digits.read_prepared(lambda **kw: digits.Digits(data_dir=data_dir, **kw),
+                                lambda builder: _load(builder, name))
+  if name in IDX_DATASETS:
+    make = _idx_builder(name, data_dir, idx_dir)
+    return digits.read_prepared(make, lambda builder: _load(builder, _idx_name(name, builder)))
+  return _load(_catalogue_builder(name, data_dir), name)
+
+
+def _idx_name(name: str, builder) -> str:
+  """`idx` is one dataset per set of files, named by its config."""
+  return f"{name}/{builder.builder_config.name}" if builder.builder_config else name
+
+
+def _load(builder, name: str) -> tuple[Arrays, Arrays, DatasetInfo]:
+  with digits.reading(builder):
+    image_shape, num_classes = _describe(builder)
+    key = (builder.data_dir, _stamp(builder.data_dir))
+    if key not in _LOADED:
+      source = _data_source(builder)
+      splits = tuple(_read(source[s], image_shape, num_classes > 0)
+                     for s in _splits(builder, "train", "test"))
+      for array in (a for split in splits for a in split.values()):
+        array.flags.writeable = False  # shared by every later load of these files
+      while len(_LOADED) >= _KEEP:
+        del _LOADED[next(iter(_LOADED))]
+      _LOADED[key] = splits
   train, test = _LOADED[key]
   info = DatasetInfo(name, image_shape, num_classes,
                      _NUM_LEVELS.get(name, 256), len(train["image"]),
@@ -82,12 +90,14 @@ def load(name: str, data_dir: str | None = None,
 
 
 def _idx_builder(name, data_dir, idx_dir):
+  """make(**kwargs) -> the IDX dataset's builder (digits.read_prepared)."""
   builder_cls = IDX_DATASETS[name]
   idx_dir = idx_dir or builder_cls.DEFAULT_DIR
   if not idx_dir:
     raise UserError(f"dataset {name!r} reads MNIST-format IDX files from the directory "
                     "--config.data.idx_dir names, and it names none")
-  return digits.prepared_builder(data_dir, builder_cls, idx_dir=os.path.expanduser(idx_dir))
+  idx_dir = os.path.expanduser(idx_dir)
+  return lambda **kw: builder_cls(data_dir=data_dir, idx_dir=idx_dir, **kw)
 
 
 def _catalogue_builder(name, data_dir):
@@ -98,6 +108,9 @@ def _catalogue_builder(name, data_dir):
         f"unknown dataset {name!r}: it is neither 'digits' nor a tfds "
         "catalogue name (https://www.tensorflow.org/datasets/catalog)"
     ) from None
+  except Exception as e:  # pylint: disable=broad-except  (tfds reading a damaged dataset_info.json)
+    root = data_dir or tfds.core.constants.get_default_data_dir()
+    raise digits.unreadable_catalogue(name, os.path.join(root, name), root, e) from None
   if not builder.is_prepared():
     root = builder.data_dir_root
     raise DatasetNotPreparedError(

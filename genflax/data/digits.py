@@ -8,18 +8,41 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 
 from etils import epath
 import filelock
 import numpy as np
 import tensorflow_datasets as tfds
 
+from genflax.errors import UserError
+
 NUM_TRAIN = 1437  # of 1,797; the other 360 are the test split
+
+
+class Unreadable(Exception):
+  """A prepared copy of a LocalBuilder's data that cannot be read back (a file cut
+  short, overwritten or missing): its `directory`, which preparing again rebuilds,
+  and the `lock` that preparing it takes."""
+
+  def __init__(self, builder, why: Exception):
+    self.directory = os.fspath(builder._data_dir)  # pylint: disable=protected-access
+    self.lock = _lock_path(builder)
+    super().__init__(f"the prepared dataset in {self.directory} is unreadable ({_why(why)})")
 
 
 class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder of data on this machine: preparing it says so in one line (what,
-  from where, into where) in place of tfds's download announcements."""
+  from where, into where) in place of tfds's download announcements. A prepared
+  copy whose description tfds cannot read raises Unreadable."""
+
+  def __init__(self, **kwargs):
+    try:
+      super().__init__(**kwargs)
+    except Exception as e:  # pylint: disable=broad-except  (tfds reading dataset_info.json)
+      if not getattr(self, "_data_dir", None):  # failed before tfds named its directory
+        raise
+      raise Unreadable(self, e) from None
 
   def source(self) -> str:
     """Where the data comes from, as the line says it."""
@@ -95,13 +118,71 @@ class Digits(LocalBuilder):
       yield i, {"image": image, "label": int(label)}
 
 
-def prepared_builder(data_dir: str | None, builder_cls=Digits, **kwargs):
-  """Returns a `builder_cls(**kwargs)` reading from data_dir, preparing it if needed."""
+def prepared_builder(make):
+  """make(), a LocalBuilder reading its data dir, once its data is prepared there.
+  make(**kwargs) passes kwargs to the builder."""
   with quiet_lookup():
-    builder = builder_cls(data_dir=data_dir, file_format="array_record", **kwargs)
+    builder = make(file_format="array_record")
     if not builder.is_prepared():
       prepare(builder)
-    return builder_cls(data_dir=data_dir, **kwargs)
+    return make()
+
+
+def read_prepared(make, read):
+  """read(builder) of prepared_builder(make). A prepared copy found damaged
+  (Unreadable, raised by the builder or by read through `reading`) is removed and
+  prepared again, with one line saying so. Processes that find it damaged at once
+  take turns through the preparing lock: the first rebuilds it, and the others
+  then read the new copy."""
+  try:
+    return read(prepared_builder(make))
+  except Unreadable as damaged:
+    print(f"{damaged}: it is prepared again", flush=True)
+    with filelock.FileLock(damaged.lock):
+      try:  # another process may have rebuilt it since this one read it
+        with quiet_lookup():
+          builder = make()
+        if builder.is_prepared():
+          return read(builder)
+      except Unreadable:
+        pass
+      shutil.rmtree(damaged.directory, ignore_errors=True)
+  return read(prepared_builder(make))
+
+
+@contextlib.contextmanager
+def reading(builder):
+  """Errors raised while reading builder's prepared files become Unreadable for a
+  LocalBuilder (which read_prepared rebuilds) and a one-line UserError for a
+  catalogue dataset (prepared elsewhere, so not here)."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (array_record's and tfds's errors)
+    if isinstance(builder, LocalBuilder):
+      raise Unreadable(builder, e) from None
+    raise unreadable_catalogue(builder.name, builder.data_dir, builder.data_dir_root, e) from None
+
+
+def unreadable_catalogue(name: str, directory, root, why: Exception) -> UserError:
+  """The error for a damaged catalogue dataset, which was prepared elsewhere."""
+  return UserError(
+      f"dataset {name!r} in {directory} is unreadable ({_why(why)}); genflax cannot "
+      "prepare it: copy it again from "
+      f"where `tfds build {name} --data_dir={root} --file_format=array_record` made it")
+
+
+def _why(error: Exception) -> str:
+  """An error as a few words: its type and its message's first line."""
+  first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+  return type(error).__name__ + (f": {first}" if first else "")
+
+
+def _lock_path(builder) -> str:
+  """The lock file that preparing builder's data takes, beside its dataset folder."""
+  return os.path.join(os.fspath(builder._data_dir_root),  # pylint: disable=protected-access
+                      f".{builder.name}.prepare.lock")
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> None:
@@ -113,11 +194,16 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   root = os.fspath(builder.data_dir_root)
   made = not os.path.exists(root)
   os.makedirs(root, exist_ok=True)
-  lock = os.path.join(root, f".{builder.name}.prepare.lock")
+  lock = _lock_path(builder)
   try:
     with filelock.FileLock(lock):
       if builder.is_prepared():  # re-read: another process may have written it meanwhile
         return
+      leftover = os.fspath(builder.data_dir)
+      if os.path.isdir(leftover) and os.listdir(leftover):  # tfds renames a whole copy here
+        print(f"the prepared dataset in {leftover} is unreadable (its dataset_info.json is "
+              "missing): it is prepared again", flush=True)
+        shutil.rmtree(leftover)
       try:
         builder.download_and_prepare()
       except OSError as e:

@@ -80,5 +80,6 @@ class Shakespeare(digits.LocalBuilder):
     yield 0, {"text": text}
 
 
-def prepared_builder(data_dir: str | None) -> Shakespeare:
-  return digits.prepared_builder(data_dir, Shakespeare)
+def make(data_dir: str | None):
+  """make(**kwargs) -> the builder over data_dir (digits.read_prepared)."""
+  return lambda **kw: Shakespeare(data_dir=data_dir, **kw)

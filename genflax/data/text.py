@@ -4,7 +4,7 @@
 "text" feature (`tiny_shakespeare`, `lm1b`, ...) load when prepared, with the
 same error as images when they are not (genflax never downloads).
 """
-from genflax.data import catalogue, shakespeare
+from genflax.data import catalogue, digits, shakespeare
 from genflax.errors import UserError
 
 _CHUNK = 8192  # records decoded per read
@@ -16,17 +16,20 @@ def load_text(name: str, data_dir: str | None = None) -> tuple[str, str]:
   A split of many examples (lm1b's sentences) is joined with newlines.
   """
   if name == "shakespeare":
-    builder = shakespeare.prepared_builder(data_dir)
-  else:
-    builder = catalogue._catalogue_builder(name, data_dir)
-  if "text" not in builder.info.features:
-    raise UserError(f"dataset {name!r} has no 'text' feature; genflax's language "
-                    "models need one")
-  splits = builder.info.splits
-  held_out = "validation" if "validation" in splits else "test"
-  catalogue._splits(builder, "train", held_out)
-  source = catalogue._data_source(builder)
-  return _read(source["train"]), _read(source[held_out])
+    return digits.read_prepared(shakespeare.make(data_dir), lambda builder: _load(builder, name))
+  return _load(catalogue._catalogue_builder(name, data_dir), name)
+
+
+def _load(builder, name: str) -> tuple[str, str]:
+  with digits.reading(builder):
+    if "text" not in builder.info.features:
+      raise UserError(f"dataset {name!r} has no 'text' feature; genflax's language "
+                      "models need one")
+    splits = builder.info.splits
+    held_out = "validation" if "validation" in splits else "test"
+    catalogue._splits(builder, "train", held_out)
+    source = catalogue._data_source(builder)
+    return _read(source["train"]), _read(source[held_out])
 
 
 def _read(source) -> str:

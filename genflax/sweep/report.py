@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import optuna  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from genflax import metrics  # pylint: disable=wrong-import-position
+from genflax import files, metrics  # pylint: disable=wrong-import-position
 from genflax.sweep import space, study as sweep_study  # pylint: disable=wrong-import-position
 
 FIXED = ("trial", "state")
@@ -45,9 +45,9 @@ def report(workdir: str, out: str | None = None) -> list[dict]:
   writer = csv.DictWriter(table, columns)
   writer.writeheader()
   writer.writerows(rows)
-  metrics.write_atomically(os.path.join(out, "results.csv"),
+  files.write_atomically(os.path.join(out, "results.csv"),
                            lambda f: f.write(table.getvalue().encode()))
-  metrics.write_atomically(os.path.join(out, "results.md"),
+  files.write_atomically(os.path.join(out, "results.md"),
                            lambda f: f.write(markdown(sweep, rows).encode()))
   plots(sweep, study, workdir, out)
   best = best_row(sweep, rows)
@@ -89,7 +89,7 @@ def read_json(path: str):
   """A trial's results; None where it has none, or they are unreadable (said once)."""
   if not os.path.exists(path):
     return None
-  results = metrics.read_json(path)
+  results = files.read_json(path)
   if results is None:
     print(f"{path} is unreadable: that trial's row has no results")
   return results
@@ -191,7 +191,7 @@ def save(axes, path: str) -> None:
   figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
   figure.set_size_inches(max(figure.get_size_inches()[0], 6.4), 4.8)
   figure.tight_layout()
-  metrics.write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=110))
+  files.write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=110))
   plt.close(figure)
 
 
@@ -222,7 +222,7 @@ def learning_curves(sweep, workdir: str, trials, out: str) -> None:
   if 1 < len(groups) <= 20:
     ax_eval.legend(fontsize=6)
   fig.tight_layout()
-  metrics.write_atomically(os.path.join(out, "learning_curves.png"),
+  files.write_atomically(os.path.join(out, "learning_curves.png"),
                            lambda f: fig.savefig(f, format="png", dpi=110))
   plt.close(fig)
 

@@ -16,7 +16,7 @@ import sys
 
 import optuna
 
-from genflax import configfile
+from genflax import configfile, files
 from genflax.errors import ConfigError, UserError
 from genflax.sweep import space
 
@@ -193,8 +193,13 @@ def load(workdir: str) -> Sweep:
   if not os.path.exists(path(workdir)):
     raise UserError(f"{workdir} is not a sweep: it has no sweep.json (start one with "
                     "python -m genflax.sweep --config FILE --workdir DIR --param KEY=SPACE)")
-  with open(path(workdir)) as f:
-    return Sweep(**json.load(f))
+  try:  # read_json: None if it is cut short or garbage, and Sweep(**None) is a TypeError too
+    return Sweep(**files.read_json(path(workdir)))
+  except TypeError:  # keys of another shape, or of another genflax version
+    raise UserError(
+        f"{path(workdir)} is unreadable: it holds the sweep's definition, which cannot be "
+        "recovered from anywhere else. Put back a copy of it, or start the sweep again in a "
+        f"new --workdir (nothing in {workdir} was changed)") from None
 
 
 def check_workdir(workdir: str, sweep: Sweep) -> None:
@@ -210,12 +215,8 @@ def check_workdir(workdir: str, sweep: Sweep) -> None:
 
 def save(workdir: str, sweep: Sweep) -> None:
   """Writes sweep.json, which every worker, trial and report reads."""
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path(workdir) + f".tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(dataclasses.asdict(sweep), f, indent=2)
-    f.write("\n")
-  os.replace(tmp, path(workdir))
+  text = json.dumps(dataclasses.asdict(sweep), indent=2) + "\n"
+  files.write_atomically(path(workdir), lambda f: f.write(text.encode()))
 
 
 # ---- The Optuna study
@@ -230,15 +231,38 @@ def storage(sweep: Sweep, workdir: str):
     except Exception as e:  # pylint: disable=broad-except  # SQLAlchemy's, and bad URLs
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise UserError(f"--storage {sweep.storage}: cannot open it: {reason}") from None
-  return optuna.storages.JournalStorage(
-      optuna.storages.journal.JournalFileBackend(os.path.join(workdir, "study.journal")))
+  journal = os.path.join(workdir, "study.journal")
+  try:  # reads the whole journal
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+  except Exception as e:  # pylint: disable=broad-except  (Optuna's parsing: JSON, keys, UTF-8)
+    raise _unreadable_journal(journal, e) from None
+
+
+def _unreadable_journal(journal: str, why: Exception) -> UserError:
+  return UserError(
+      f"{journal} is unreadable ({type(why).__name__}: {str(why).strip()[:200]}): it is the "
+      "study's record of every trial, which genflax cannot rebuild. Put back a copy of it, or "
+      f"start the sweep again in a new --workdir (nothing in {os.path.dirname(journal)} was "
+      "changed)")
 
 
 def open_study(sweep: Sweep, workdir: str):
-  """The sweep's study, created on first use (every worker calls this)."""
+  """The sweep's study, created on first use (every worker calls this). A storage
+  that has lost it while trials/ holds its trials is refused, before anything is
+  written there."""
   optuna.logging.set_verbosity(optuna.logging.WARNING)
+  store = storage(sweep, workdir)
+  trials_dir = os.path.join(workdir, "trials")
+  if (os.path.isdir(trials_dir) and os.listdir(trials_dir) and
+      sweep.study_name not in (s.study_name for s in store.get_all_studies())):
+    where = sweep.storage or os.path.join(workdir, "study.journal")
+    raise UserError(
+        f"{where} holds no study {sweep.study_name!r}, but {trials_dir} holds its trials: the "
+        "study's record of them is lost (an emptied journal?), which genflax cannot rebuild. "
+        f"Put back a copy of it, or start the sweep again in a new --workdir (nothing in "
+        f"{workdir} was changed)")
   return optuna.create_study(
-      storage=storage(sweep, workdir), study_name=sweep.study_name, load_if_exists=True,
+      storage=store, study_name=sweep.study_name, load_if_exists=True,
       direction=sweep.direction, sampler=sampler(sweep), pruner=pruner(sweep))
 
 

@@ -33,6 +33,7 @@ import filelock
 import optuna
 from optuna.trial import TrialState
 
+from genflax import files
 from genflax.errors import UserError
 from genflax.sweep import study as sweep_study
 from genflax.sweep import trial as sweep_trial
@@ -278,9 +279,12 @@ def judge(sweep, study, claim: Claim, frozen, trial_dir: str, returncode: int,
   if sweep_trial.PRUNED_AT in frozen.user_attrs:
     sweep_study.tell(study, claim.number, state=TrialState.PRUNED)
     return "pruned", f" at step {frozen.user_attrs[sweep_trial.PRUNED_AT]}"
-  if returncode == 0 and os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+  results = files.read_json(results_path) if returncode == 0 else None
+  if returncode == 0 and results is None and os.path.exists(results_path):
+    # Damaged after its run wrote it: that run writes it again when it runs again.
+    return "interrupted", (f": {results_path} is unreadable; the trial's run writes it "
+                           "again when the sweep runs again")
+  if results is not None:
     value = results.get(sweep.metric)
     if value is None:
       error = (f"results.json has no {sweep.metric!r}; it has {sorted(results)}: "

@@ -33,7 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from genflax import checks, data, metrics, sharding
+from genflax import checks, data, files, metrics, sharding
 from genflax.errors import ConfigError
 
 FEATURE_WIDTH = 128
@@ -117,10 +117,18 @@ def load_or_train(data_dir, train, test, info, steps: int = 0):
       abstract = jax.eval_shape(lambda: {
           "params": model.init(jax.random.PRNGKey(0), jnp.zeros((1, *info.image_shape)))["params"],
           "test_accuracy": jnp.zeros(())})
-      with _checkpointer() as ckptr:  # as NumPy: nothing here is a multi-host array
-        return ckptr.restore(path, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract))
-    print(f"training the feature network that scores {info.name} images ({steps or default} "
-          f"steps), once: it is kept in {path}", flush=True)
+      try:
+        with _checkpointer() as ckptr:  # as NumPy: nothing here is a multi-host array
+          return ckptr.restore(path, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract))
+      except Exception as e:  # pylint: disable=broad-except  (Orbax's errors have no common type)
+        why = type(e).__name__ + (f": {str(e).strip().splitlines()[0][:200]}"
+                                  if str(e).strip() else "")
+        print(f"the feature network in {path} is unreadable ({why}): it is trained again",
+              flush=True)
+        shutil.rmtree(path)
+    else:
+      print(f"training the feature network that scores {info.name} images ({steps or default} "
+            f"steps), once: it is kept in {path}", flush=True)
     params, acc = train_classifier(train, test, info, steps or default)
     saved = jax.device_get({"params": params, "test_accuracy": jnp.asarray(acc)})
     save(path, saved)
@@ -217,7 +225,7 @@ def save_samples(args, info, conditional: bool, draw) -> None:
     levels = np.rint((np.clip(images, -1, 1) + 1) / 2 * (info.num_levels - 1)).astype(np.uint8)
     arrays = {"images": levels} if labels is None else {"images": levels,
                                                         "labels": labels.astype(np.int32)}
-    metrics.write_atomically(args.out, lambda f: np.savez(f, **arrays))
+    files.write_atomically(args.out, lambda f: np.savez(f, **arrays))
     print(f"wrote {args.num} samples to {args.out}")
     return
   rows, cols, labels = metrics.sample_grid(args.num, args.label, num_classes)
