@@ -1,6 +1,7 @@
 """What several test files share: loading configs and running the CLI."""
 import functools
 import glob
+import gzip
 import json
 import os
 import select
@@ -14,6 +15,7 @@ import time
 import numpy as np
 
 from genflax import configfile, tasks, trainer
+from genflax.data import idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -37,6 +39,27 @@ def assert_smoke_ran(results: dict) -> None:
   assert results["step"] == results["train_step_traces"] * 12
   values = [v for v in results.values() if isinstance(v, float)]
   assert values and all(np.isfinite(values))
+
+
+def write_idx(path, array, gz=False, type_code=0x08):
+  """Writes `array` as an IDX file: magic, big-endian uint32 dims, then the elements."""
+  dtype = {0x08: np.uint8, 0x0C: ">i4"}[type_code]
+  raw = (bytes([0, 0, type_code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+         + np.asarray(array, dtype).tobytes())
+  with (gzip.open if gz else open)(path, "wb") as f:
+    f.write(raw)
+
+
+def idx_subset(source: str, out, train: int, test: int) -> str:
+  """The first `train` and `test` images (and labels) of the MNIST-format files in
+  `source`, written as MNIST-format files in the folder `out`: a real 28x28 dataset
+  that prepares in a fraction of the time."""
+  os.makedirs(out, exist_ok=True)
+  found = idx.find(source, "idx", "")
+  for split, n in (("train", train), ("test", test)):
+    for stem in idx.FILES[split]:
+      write_idx(os.path.join(out, stem), idx.read(found[stem])[:n])
+  return str(out)
 
 
 def init(task, setup, rng):

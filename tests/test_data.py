@@ -1,7 +1,6 @@
 """Tests for genflax.data: the digits builder, IDX files and datasets, catalogue loading,
 batches."""
 
-import gzip
 import json
 import logging
 import os
@@ -190,21 +189,12 @@ def test_processes_preparing_one_data_dir_take_turns(tmp_path, loaded_digits):
 # --- IDX files ----------------------------------------------------------------
 
 
-def _write_idx(path, array, gz=False, type_code=0x08):
-  """Writes `array` as an IDX file: magic, big-endian uint32 dims, then the elements."""
-  dtype = {0x08: np.uint8, 0x0C: ">i4"}[type_code]
-  raw = (bytes([0, 0, type_code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-         + np.asarray(array, dtype).tobytes())
-  with (gzip.open if gz else open)(path, "wb") as f:
-    f.write(raw)
-
-
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
 @pytest.mark.parametrize("shape", [(7,), (5, 3, 4)], ids=["rank1", "rank3"])
 def test_idx_reads_what_was_written(tmp_path, gz, shape):
   array = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
   path = str(tmp_path / "x")  # gzip is told by its magic, not the name
-  _write_idx(path, array, gz)
+  helpers.write_idx(path, array, gz)
   got = idx.read(path)
   assert got.dtype == np.uint8 and got.shape == shape
   np.testing.assert_array_equal(got, array)
@@ -212,7 +202,7 @@ def test_idx_reads_what_was_written(tmp_path, gz, shape):
 
 def test_idx_reads_big_endian_int32(tmp_path):
   array = np.array([[1, -2], [70000, 3]], np.int32)
-  _write_idx(tmp_path / "x", array, type_code=0x0C)
+  helpers.write_idx(tmp_path / "x", array, type_code=0x0C)
   got = idx.read(str(tmp_path / "x"))
   assert got.dtype == np.int32
   np.testing.assert_array_equal(got, array)
@@ -222,7 +212,7 @@ def test_idx_bad_magic_and_truncated_file_are_clear_errors(tmp_path):
   (tmp_path / "png").write_bytes(b"\x89PNG\r\n\x1a\n")
   with pytest.raises(UserError, match=r"png is not an IDX file: it starts with 89 50 4e 47"):
     idx.read(str(tmp_path / "png"))
-  _write_idx(tmp_path / "short", np.zeros((4, 3), np.uint8))
+  helpers.write_idx(tmp_path / "short", np.zeros((4, 3), np.uint8))
   (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-2])
   with pytest.raises(UserError, match=r"\(4, 3\) of uint8, which is 12 bytes, but 10 follow"):
     idx.read(str(tmp_path / "short"))
@@ -237,7 +227,7 @@ def _write_mnist_format(directory, seed=0, gz=True):
     images_stem, labels_stem = idx.FILES[split]
     arrays[split] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10
     for stem, array in zip((images_stem, labels_stem), arrays[split]):
-      _write_idx(os.path.join(directory, stem + ".gz" * gz), array, gz)
+      helpers.write_idx(os.path.join(directory, stem + ".gz" * gz), array, gz)
   return arrays
 
 

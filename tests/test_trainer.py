@@ -369,11 +369,12 @@ SMOKE_RUN_ELSEWHERE = ("vae_digits", "lm_shakespeare", "diffusion_digits")
                                       if n not in SMOKE_RUN_ELSEWHERE] + [("vae_digits", "conv,smoke")])
 def test_every_config_smoke_variant_trains(tmp_path, name, arg):
   overrides = {}
-  if name == "dcgan_mnist":  # any MNIST-format files: here Debian's Fashion-MNIST
-    overrides["data.idx_dir"] = fashion_mnist.DEFAULT_DIR
+  if name == "dcgan_mnist":  # any MNIST-format files: here 2,000 + 500 of Debian's Fashion-MNIST
     if not os.path.isdir(fashion_mnist.DEFAULT_DIR):
       pytest.skip(f"dcgan_mnist needs MNIST-format IDX files; none in {fashion_mnist.DEFAULT_DIR}: "
                   "apt-get install dataset-fashion-mnist (Debian's; CI installs it)")
+    overrides["data.idx_dir"] = helpers.idx_subset(fashion_mnist.DEFAULT_DIR, tmp_path / "idx",
+                                                   2000, 500)
   try:
     results = trainer.train(helpers.config(name, arg, **overrides), str(tmp_path))
   except data.DatasetNotPreparedError as e:  # catalogue data (MNIST...) is never downloaded
@@ -458,8 +459,8 @@ def test_two_processes_train_like_one_through_a_sigterm_and_a_damaged_checkpoint
   are cut in half: both processes call it unreadable, process 0 moves it
   aside, both resume from the one before and finish as the undamaged run did.
   """
-  args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=400",
-          "--config.train.eval_every_steps=1000", "--config.train.ckpt_every_steps=390"]
+  args = ["--config=configs/vae_digits.py:smoke", "--config.train.num_steps=150",
+          "--config.train.eval_every_steps=1000", "--config.train.ckpt_every_steps=140"]
   workdir = tmp_path / "two"
   launch = lambda: _launch_two(args, workdir)
 
@@ -470,7 +471,7 @@ def test_two_processes_train_like_one_through_a_sigterm_and_a_damaged_checkpoint
   assert "4 cpu devices, 2 process(es)" in "".join(first)
   stopped = int(outs[0].split("stopped by SIGTERM (process 1) at step ")[1].split(";")[0])
   received = int(outs[1].split("SIGTERM received by process 1 at step ")[1].split()[0])
-  assert 0 < stopped < 390 and 1 <= stopped - received <= 2  # all stop within two steps
+  assert 0 < stopped < 140 and 1 <= stopped - received <= 2  # all stop within two steps
   assert _params(str(workdir))[0] == stopped
 
   procs = launch()
@@ -481,14 +482,14 @@ def test_two_processes_train_like_one_through_a_sigterm_and_a_damaged_checkpoint
 
   want = json.load(open(workdir / "results.json"))
   os.remove(workdir / "results.json")
-  for data_file in (workdir / "checkpoints" / "400" / "state").glob("ocdbt.process_*/d/*"):
+  for data_file in (workdir / "checkpoints" / "150" / "state").glob("ocdbt.process_*/d/*"):
     os.truncate(data_file, data_file.stat().st_size // 2)  # each cut in half
   outs = _both_finish(launch())
   assert "Traceback" not in "".join(outs)
-  assert "checkpoint 400" in outs[0] and "set aside as" in outs[0]
-  assert "resumed from step 390" in outs[0]
+  assert "checkpoint 150" in outs[0] and "set aside as" in outs[0]
+  assert "resumed from step 140" in outs[0]
   assert sorted(os.listdir(workdir / "checkpoints")) == sorted(
-      [str(stopped), "390", "400", "400.unreadable"])
+      [str(stopped), "140", "150", "150.unreadable"])
   assert json.load(open(workdir / "results.json")) == want
 
 
