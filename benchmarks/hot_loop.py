@@ -38,7 +38,7 @@ import numpy as np
 
 from jax.experimental import multihost_utils
 
-from genflax import configfile, errors, files, hostmem, main as genflax_main, metrics, tasks, trainer
+from genflax import configfile, errors, files, hostmem, main as genflax_main, tasks, trainer
 from genflax.errors import ConfigError
 from genflax.models import conv, layers
 
@@ -343,7 +343,7 @@ def main():
   parser.add_argument("overrides", nargs="*", help="key=value config overrides")
   args = parser.parse_args()
   if args.out:
-    metrics.check_output(args.out)
+    files.check_output(args.out)
   config = load_config(args.config, args.overrides)
   set_up_host(config, "benchmarks.hot_loop")
   if args.coordinator_address:

@@ -28,7 +28,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from genflax import configfile, errors, files, metrics, platform, sharding, trainer
+from genflax import configfile, errors, files, platform, sharding, trainer
 from genflax.tasks import lm
 
 PLANS = {
@@ -98,7 +98,7 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   if args.out:
-    metrics.check_output(args.out)
+    files.check_output(args.out)
   config = configfile.load_config(args.config)
   rows = []
   for n in args.devices:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from genflax import errors, files, metrics
+from genflax import errors, files
 from genflax.sweep import worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def main() -> None:
   p.add_argument("--out")
   args = p.parse_args()
   if args.out:
-    metrics.check_output(args.out)
+    files.check_output(args.out)
   with tempfile.TemporaryDirectory() as tmp:
     result = {"overhead": overhead(tmp), "cpus": len(os.sched_getaffinity(0))}
     result["sweeps"] = [sweep(tmp, name, w) for name in SWEEPS for w in (1, 2)]

@@ -31,9 +31,10 @@ A run's workdir (genflax.main):
   metrics.jsonl        One JSON row per log and evaluation, appended. Rows after
                        the resumed checkpoint and unreadable lines: dropped on
                        resume, said.
-  events.out.tfevents.*  TensorBoard's, appended; genflax never reads them (a
-                       resumed run starts a new file).
-  images/*.png         Sample grids; written, never read.
+  tb/events.out.tfevents.*  TensorBoard's, one file per start of the run (a
+                       resumed one tells TensorBoard to drop the steps after
+                       its checkpoint); genflax never reads them.
+  images/*.png         Sample grids, written atomically; never read.
   run.lock, run.owner  The lock that keeps a second run out (the kernel frees it
                        when its process dies) and who holds it, for the refusal's
                        message; an unreadable run.owner is named as "a process
@@ -49,7 +50,8 @@ The data dir (--config.data.data_dir, else TFDS_DATA_DIR or ~/tensorflow_dataset
                        prepared (digits, shakespeare, fashion_mnist, idx: from
                        this machine) or refused (catalogue datasets, which
                        genflax never downloads). Damaged: rebuilt where genflax
-                       prepares it, else refused (copy it again).
+                       prepares it, else refused (copy it again). A data dir
+                       that cannot take it (read-only, full): refused.
   .<name>.prepare.lock  Processes preparing one dataset take turns through it.
   genflax_features/<dataset>[-steps<N>]/  The feature network that FID and the
                        other image scores use (Orbax). Missing: trained.
@@ -59,18 +61,24 @@ A sweep's workdir (genflax.sweep):
 
   sweep.json           The sweep's definition. Damaged: refused (it cannot be
                        recovered; put back a copy or start afresh).
-  study.journal        Optuna's journal storage (or --storage's database).
+  study.journal        Optuna's journal storage (or --storage's database): the
+                       record of every trial. Garbage, JSON of the wrong shape,
+                       or emptied while trials/ holds trials: refused (genflax
+                       cannot rebuild it). Cut short: Optuna reads the records
+                       before the cut, its rule for a write still under way.
   sweep.lock, locks/<n>.lock  Claims of trials (see genflax/sweep/worker.py).
   trials/<n>/          Each trial's run workdir, as above, and its log.txt.
                        A trial whose results.json is damaged stays running and
                        its run writes it again when the sweep runs again.
 
 Outputs named by --out (genflax.sample, genflax.sweep report, the benchmarks):
-their folders are made, or the path is refused before any work; each file is
-written atomically.
+their folders are made, or the path is refused before any work (check_output,
+check_folder); each file is written atomically.
 """
 import json
 import os
+
+from genflax.errors import UserError
 
 
 def read_json(path: str) -> dict | None:
@@ -103,3 +111,24 @@ def write_atomically(path: str, write) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
 
+
+def check_output(path: str, flag: str = "--out") -> None:
+  """Makes the folder of an output file a command will write when its work is done,
+  or refuses the path (UserError) now, before any work."""
+  if os.path.isdir(path):
+    raise UserError(f"{flag} {path} is a directory: name a file in it")
+  check_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path}: its folder")
+
+
+def check_folder(folder: str, what: str = "--out") -> None:
+  """Makes an output folder, or refuses it (UserError) now, before any work."""
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise UserError(f"{what} {folder} is a file, not a folder: name another")
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"{what} {folder} cannot be made ({e.strerror or e}): name a folder "
+                    "where files can be written") from None
+  if not os.access(folder, os.W_OK):
+    raise UserError(f"{what} {folder} is not writable: name a folder where files can be "
+                    "written")

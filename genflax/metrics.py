@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from genflax import files
-from genflax.errors import ConfigError, UserError
+from genflax.errors import ConfigError
 
 
 class Writer:
@@ -55,7 +55,7 @@ class Writer:
     picture = tile(grid)
     os.makedirs(os.path.join(self.workdir, "images"), exist_ok=True)
     path = os.path.join(self.workdir, "images", f"{name}_{step:07d}.png")
-    save_png(path, picture)
+    files.write_atomically(path, lambda f: save_png(f, picture))
     self._tb.add_image(name, picture, step, dataformats="HWC")
     return path
 
@@ -176,28 +176,6 @@ def save_sample_grid(path: str, images, rows: int, cols: int) -> None:
   picture = tile(images.reshape(rows, cols, *images.shape[1:]))
   files.write_atomically(path, lambda f: save_png(f, picture))
   print(f"wrote {rows * cols} samples to {path}")
-
-
-def check_output(path: str, flag: str = "--out") -> None:
-  """Makes the folder of an output file a command will write when its work is done,
-  or refuses the path (UserError) now, before any work."""
-  if os.path.isdir(path):
-    raise UserError(f"{flag} {path} is a directory: name a file in it")
-  check_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path}: its folder")
-
-
-def check_folder(folder: str, what: str = "--out") -> None:
-  """Makes an output folder, or refuses it (UserError) now, before any work."""
-  if os.path.exists(folder) and not os.path.isdir(folder):
-    raise UserError(f"{what} {folder} is a file, not a folder: name another")
-  try:
-    os.makedirs(folder, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"{what} {folder} cannot be made ({e.strerror or e}): name a folder "
-                    "where files can be written") from None
-  if not os.access(folder, os.W_OK):
-    raise UserError(f"{what} {folder} is not writable: name a folder where files can be "
-                    "written")
 
 
 def format_duration(seconds: float) -> str:

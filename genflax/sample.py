@@ -15,7 +15,7 @@ import sys
 
 from absl import flags
 
-from genflax import checks, metrics, trainer
+from genflax import checks, files, trainer
 from genflax.errors import UserError
 
 flags.DEFINE_string("workdir", None, "A run's workdir (holds config.json and checkpoints/).")
@@ -48,7 +48,7 @@ def main(argv) -> int:
       raise UserError(f"--steps={FLAGS.steps} must be >= 1 and --guidance={FLAGS.guidance} >= 0")
     task, setup, state, step = trainer.load_run(FLAGS.workdir)
     if setup.config.task != "lm":  # images go to --out (a language model prints its text)
-      metrics.check_output(FLAGS.out)
+      files.check_output(FLAGS.out)
     print(f"{setup.config.task} from {FLAGS.workdir}, step {step}")
     task.generate(setup, state, FLAGS)
   except (UserError, flags.Error) as e:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -244,3 +245,32 @@ def test_a_damaged_tokenizer_is_trained_again_and_said_so(saved_tokenizers, tmp_
   assert said[0].endswith("): the tokenizer is trained again from the training text"), said
   assert open(path, "rb").read() == open(directory / path.name, "rb").read()
   np.testing.assert_array_equal(again.encode(TEXT[-3000:]), tokenizer.encode(TEXT[-3000:]))
+
+
+@pytest.mark.parametrize("how", ["read_only", "full"])
+def test_a_data_dir_that_cannot_take_a_prepared_dataset_is_one_line(tmp_path, request, how):
+  """Preparing digits into an immutable data dir (chattr +i) or a full disk (a small
+  tmpfs, filled): one line naming the folder and the cause, and no half-made dataset
+  left there."""
+  data_dir = tmp_path / "data"
+  data_dir.mkdir()
+  if how == "full":
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(data_dir)],
+                      capture_output=True, check=False).returncode:
+      pytest.skip("cannot mount a small tmpfs here: run the tests as root, where mount is allowed")
+    request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(data_dir)], check=False))
+    subprocess.run(["dd", "if=/dev/zero", f"of={data_dir}/fill", "bs=4k"], capture_output=True,
+                   check=False)
+  elif subprocess.run(["chattr", "+i", str(data_dir)], capture_output=True,
+                      check=False).returncode:
+    pytest.skip("chattr +i does not work here: run the tests as root, with the temporary "
+                "directory on ext2/3/4 (chattr is in e2fsprogs)")
+  else:
+    request.addfinalizer(lambda: subprocess.run(["chattr", "-i", str(data_dir)], check=False))
+  with pytest.raises(UserError) as e:
+    data.load("digits", str(data_dir))
+  message = str(e.value)  # full: tfds finds it so before writing ("Not enough disk space")
+  assert message.startswith(f"cannot prepare digits in {data_dir} (") and message.endswith(
+      "): give a data dir where files can be written (--config.data.data_dir, or TFDS_DATA_DIR)")
+  assert ("Operation not permitted" if how == "read_only" else "disk space") in message
+  assert "digits" not in os.listdir(data_dir)

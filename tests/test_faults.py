@@ -10,13 +10,15 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from genflax import checkpoints, trainer
+from genflax import checkpoints, files, trainer
 from tests import helpers
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -117,3 +119,28 @@ def test_ten_sigkills_then_resume_equal_an_uninterrupted_run(tmp_path, family):
   got = jax.tree.map(np.asarray, trainer.load_run(str(broken))[2])
   jax.tree.map(np.testing.assert_array_equal, got, want)
   assert landed.count("during a save") >= 2
+
+
+def test_sigkills_during_small_file_writes_leave_the_old_file_or_the_new(tmp_path):
+  """genflax's small files (results, config, sweep.json, reports, samples) all go
+  through files.write_atomically. A process rewriting a 200 KB JSON file as fast as
+  it can, SIGKILLed ten times at random moments: each time the file reads back
+  whole, the version last written or the one before it."""
+  path = tmp_path / "results.json"
+  script = ("import sys\nfrom genflax import files\ni = int(sys.argv[2])\nwhile True:\n"
+            "  files.write_json(sys.argv[1], {'i': i, 'pad': 'x' * 200_000})\n"
+            "  print(i, flush=True)\n  i += 1\n")
+  rng, written = random.Random("small-writes"), -1
+  for _ in range(KILLS):
+    proc = subprocess.Popen([sys.executable, "-c", script, str(path), str(written + 1)],
+                            cwd=helpers.ROOT, stdout=subprocess.PIPE, text=True)
+    first = int(proc.stdout.readline())  # one whole write done; the next under way
+    time.sleep(rng.uniform(0, 0.01))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    value = files.read_json(str(path))
+    assert value is not None and value["pad"] == "x" * 200_000
+    assert value["i"] >= first
+    written = value["i"]
+  leftovers = [n for n in os.listdir(tmp_path) if n != "results.json"]
+  assert all(n.startswith(".results.json.tmp") for n in leftovers), leftovers

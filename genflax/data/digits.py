@@ -193,9 +193,9 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
   tfds.disable_progress_bar()  # a sub-second build needs no progress bars
   root = os.fspath(builder.data_dir_root)
   made = not os.path.exists(root)
-  os.makedirs(root, exist_ok=True)
   lock = _lock_path(builder)
   try:
+    os.makedirs(root, exist_ok=True)
     with filelock.FileLock(lock):
       if builder.is_prepared():  # re-read: another process may have written it meanwhile
         return
@@ -215,9 +215,13 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
         lost_race = isinstance(e, FileExistsError) or e.errno == errno.ENOTEMPTY
         if not lost_race or not builder.is_prepared():
           raise
-  except BaseException:
+  except BaseException as e:
     if made:  # a failed first preparation leaves no data dir behind
       with contextlib.suppress(OSError):
         os.remove(lock)
         os.rmdir(root)
+    if isinstance(e, OSError):  # a read-only data dir, a full disk
+      raise UserError(
+          f"cannot prepare {builder.name} in {root} ({e.strerror or e}): give a data dir "
+          "where files can be written (--config.data.data_dir, or TFDS_DATA_DIR)") from None
     raise

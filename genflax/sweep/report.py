@@ -35,7 +35,7 @@ AFTER = ("best_eval", "best_eval_step", "steps", "wall_s", "attempts", "error")
 def report(workdir: str, out: str | None = None) -> list[dict]:
   """Writes the tables and plots into `out` (default WORKDIR/report); returns the rows."""
   out = out or os.path.join(workdir, "report")
-  metrics.check_folder(out, "the report's folder")
+  files.check_folder(out, "the report's folder")
   sweep = sweep_study.load(workdir)
   study = sweep_study.open_study(sweep, workdir)
   trials = study.get_trials()
