@@ -13,8 +13,8 @@ each plain or .gz, prepared once into the data dir as dataset `idx`
 Debian's `dataset-fashion-mnist` is installed. G: noise -> 7x7x128 ->
 transposed convs to 14x14x64 and 28x28x1; D: stride-2 convs 64, 128.
 Variants as gan_digits.py (`conditional` adds labels as in cgan_digits.py).
-Tests run the smoke variant on Debian's Fashion-MNIST files and skip where
-they are not installed.
+Tests run the smoke variant on the first 2,500 of Debian's Fashion-MNIST
+images, written as MNIST-format files, and skip where they are not installed.
 """
 from genflax import configfile, defaults
 
