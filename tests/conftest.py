@@ -10,6 +10,7 @@ at -O1 on a 2-core Intel Xeon; README.md). Subprocesses that set XLA_FLAGS
 themselves (one device, or two) compile at the default.
 """
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -21,12 +22,23 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=1").strip()
 
 
+_MADE = []  # the session's folders this process made: removed when the session ends
+
+
 def _session_dir(variable: str, prefix: str) -> None:
   """os.environ[variable] = a new temporary folder, unless this is an xdist worker
   that inherited the controller's."""
   if not (os.environ.get("PYTEST_XDIST_WORKER") and
           os.path.basename(os.environ.get(variable, "")).startswith(prefix)):
     os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    _MADE.append(os.environ[variable])
+
+
+def pytest_unconfigure(config):
+  """The session's data dir and compilation cache (a gigabyte or more) go with it."""
+  del config
+  for folder in _MADE:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # Tests never read or write the user's ~/tensorflow_datasets. One data dir for the

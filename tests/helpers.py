@@ -4,6 +4,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -39,6 +40,16 @@ def assert_smoke_ran(results: dict) -> None:
   assert results["step"] == results["train_step_traces"] * 12
   values = [v for v in results.values() if isinstance(v, float)]
   assert values and all(np.isfinite(values))
+
+
+def one_device_env(drop=()) -> dict:
+  """os.environ for a command on one CPU device, as a run's default, not the tests' 8:
+  XLA_FLAGS without the device count (the rest, -O1, stays; tests/conftest.py), and
+  without the variables in `drop`."""
+  env = {k: v for k, v in os.environ.items() if k not in drop}
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = " ".join(flags.split())
+  return env
 
 
 def write_idx(path, array, gz=False, type_code=0x08):

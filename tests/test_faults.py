@@ -41,7 +41,7 @@ def _env() -> dict:
   """One CPU device (not the tests' 8) with XLA's thread pool at its default size.
   The session's compilation cache (tests/conftest.py) holds the programs: the
   first run of a family writes them, every restart reads them."""
-  return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC")}
+  return helpers.one_device_env(drop=("PJRT_NPROC",))
 
 
 def _args(name, overrides, workdir):

@@ -74,9 +74,13 @@ def test_bfloat16_kv_cache_sampling_matches_recomputation():
   got = lm.generate_tokens(setup, params, prompts, 8, jax.random.PRNGKey(0), 0.0, 0, 1.0)
   cache = lm.transformer.init_cache(setup.model.variant, 1, setup.model.dtype)
   assert cache[0]["k"].dtype == jnp.bfloat16
-  tokens = prompts
-  for _ in range(8):
-    logits, _ = setup.model.apply({"params": params}, tokens)
+  # The whole sequence at each step, in one compiled program: the prompt and the tokens
+  # so far, then padding, which a causal model's logits at earlier positions ignore.
+  apply = jax.jit(lambda tokens: setup.model.apply({"params": params}, tokens)[0])
+  start = prompts.shape[1]
+  tokens = jnp.zeros((1, start + 8), prompts.dtype).at[:, :start].set(prompts)
+  for i in range(start, start + 8):
+    logits = apply(tokens)
     assert logits.dtype == jnp.float32
-    tokens = jnp.concatenate([tokens, jnp.argmax(logits[:, -1], -1)[:, None].astype(tokens.dtype)], 1)
+    tokens = tokens.at[:, i].set(jnp.argmax(logits[:, i - 1], -1).astype(tokens.dtype))
   np.testing.assert_array_equal(got, tokens)

@@ -28,7 +28,7 @@ def sweep_cli(*args, timeout=600):
 
 
 def one_device_env():
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return helpers.one_device_env()
 
 
 def _error(result) -> str:
