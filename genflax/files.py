@@ -4,6 +4,8 @@ Small files are written whole to a temporary file beside them and renamed
 into place (`write_atomically`), so a kill at any moment leaves the old file
 or the new one; they are read with `read_json`, which calls anything
 unreadable None, so that the caller can say what happens instead of raising.
+tests/test_damage.py checks that every write in genflax and the benchmarks
+goes through `write_atomically` or is listed there with the reason it need not.
 
 Each file below, and what genflax does when it is missing, damaged (empty,
 cut short, garbage, JSON of the wrong shape, another experiment's) or cannot
@@ -64,8 +66,9 @@ A sweep's workdir (genflax.sweep):
   study.journal        Optuna's journal storage (or --storage's database): the
                        record of every trial. Garbage, JSON of the wrong shape,
                        or emptied while trials/ holds trials: refused (genflax
-                       cannot rebuild it). Cut short: Optuna reads the records
-                       before the cut, its rule for a write still under way.
+                       cannot rebuild it). Cut short (a kill or a full disk
+                       mid-append): the cut record, a write that never
+                       finished, is dropped and said; every one before it kept.
   sweep.lock, locks/<n>.lock  Claims of trials (see genflax/sweep/worker.py).
   trials/<n>/          Each trial's run workdir, as above, and its log.txt.
                        A trial whose results.json is damaged stays running and

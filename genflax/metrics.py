@@ -133,15 +133,15 @@ def tile(grid: np.ndarray, pad: int = 1) -> np.ndarray:
   return out
 
 
-def save_png(path, picture: np.ndarray, min_size: int = 256) -> None:
-  """Saves a [H, W, C] float picture in [0, 1] (path: a name or a binary file); small
-  ones are enlarged (nearest)."""
+def save_png(f, picture: np.ndarray, min_size: int = 256) -> None:
+  """Writes a [H, W, C] float picture in [0, 1] as PNG into the binary file f (one
+  that write_atomically gives); small ones are enlarged (nearest)."""
   scale = max(1, math.ceil(min_size / max(picture.shape[:2])))
   pixels = np.clip(picture * 255 + 0.5, 0, 255).astype(np.uint8)
   pixels = pixels.repeat(scale, 0).repeat(scale, 1)
   if pixels.shape[-1] == 1:
     pixels = pixels[..., 0]
-  Image.fromarray(pixels).save(path, format="PNG")
+  Image.fromarray(pixels).save(f, format="PNG")
 
 
 def sample_grid(num: int, label, num_classes: int | None):

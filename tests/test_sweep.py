@@ -311,6 +311,31 @@ def test_a_damaged_sweep_file_is_refused_in_one_line_and_nothing_changes(grid_sw
   assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
+def test_a_study_journal_cut_short_keeps_every_record_before_the_cut(grid_sweep, tmp_path):
+  """A journal whose last append was cut short (a kill or a full disk mid-write):
+  Optuna reads the whole records before the cut, as it does a write still under
+  way, so the report lists every trial, and only the cut record's change is lost."""
+  workdir, _ = grid_sweep
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  journal = (copy / "study.journal").read_bytes()
+  last = journal.rstrip(b"\n").rfind(b"\n") + 1  # where the last record starts
+  (copy / "study.journal").write_bytes(journal[:last + (len(journal) - last) // 2])
+  result = helpers.cli("report", str(copy), module="genflax.sweep")
+  assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+  dropped = (len(journal) - last) // 2  # the half of the last record left in the file
+  assert (f"{copy / 'study.journal'}: its last record was cut short ({dropped} bytes"
+          in result.stdout), result.stdout
+  assert (copy / "study.journal").read_bytes().startswith(journal[:last])  # and appended to
+  states = lambda w: {t.number: t.state.name for t in trials(w)}
+  whole, cut = states(workdir), states(copy)
+  assert sorted(cut) == sorted(whole) == [0, 1, 2, 3]
+  changed = {n for n in whole if cut[n] != whole[n]}
+  assert len(changed) <= 1 and all(cut[n] == "RUNNING" for n in changed), (whole, cut)
+  rows = (copy / "report" / "results.csv").read_text().splitlines()
+  assert len(rows) == 5, rows  # a header and the four trials
+
+
 @pytest.mark.slow
 def test_rerunning_a_finished_sweep_runs_nothing_and_another_sweep_is_refused(grid_sweep):
   workdir, _ = grid_sweep

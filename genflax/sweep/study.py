@@ -232,10 +232,45 @@ def storage(sweep: Sweep, workdir: str):
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise UserError(f"--storage {sweep.storage}: cannot open it: {reason}") from None
   journal = os.path.join(workdir, "study.journal")
+  drop_cut_record(journal)
   try:  # reads the whole journal
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
   except Exception as e:  # pylint: disable=broad-except  (Optuna's parsing: JSON, keys, UTF-8)
     raise _unreadable_journal(journal, e) from None
+
+
+def drop_cut_record(journal: str) -> None:
+  """Cuts a journal back to its last whole record where its last append was cut
+  short (a kill or a full disk mid-write: no newline at its end), and says so.
+  Optuna reads past such a record, as a write still under way, but its next
+  append would join it into one line that no reader can parse. Appends hold the
+  journal's lock, so under it a record without its newline is one that never
+  finished. A journal with unreadable records before the cut is left as it is."""
+  if not os.path.exists(journal):
+    return
+  lock = optuna.storages.journal.JournalFileSymlinkLock(journal)
+  lock.acquire()
+  try:
+    with open(journal, "rb") as f:
+      content = f.read()
+    if not content or content.endswith(b"\n"):
+      return
+    keep = content.rfind(b"\n") + 1
+    try:  # a journal unreadable before the cut is left as it is, for the refusal
+      [json.loads(line) for line in content[:keep].splitlines()]
+    except ValueError:
+      return
+    try:
+      with open(journal, "r+b") as f:
+        f.truncate(keep)
+    except OSError as e:
+      raise UserError(f"{journal} ends in a record cut short, and cannot be cut back to the "
+                      f"record before it ({e.strerror or e}): make it writable and run the "
+                      "command again") from None
+  finally:
+    lock.release()
+  print(f"{journal}: its last record was cut short ({len(content) - keep} bytes of a write "
+        "that never finished); it is dropped, every record before it kept", flush=True)
 
 
 def _unreadable_journal(journal: str, why: Exception) -> UserError:

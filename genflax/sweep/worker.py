@@ -279,11 +279,8 @@ def judge(sweep, study, claim: Claim, frozen, trial_dir: str, returncode: int,
   if sweep_trial.PRUNED_AT in frozen.user_attrs:
     sweep_study.tell(study, claim.number, state=TrialState.PRUNED)
     return "pruned", f" at step {frozen.user_attrs[sweep_trial.PRUNED_AT]}"
+  # None where missing or unreadable: the run, resumed, writes it again at its end.
   results = files.read_json(results_path) if returncode == 0 else None
-  if returncode == 0 and results is None and os.path.exists(results_path):
-    # Damaged after its run wrote it: that run writes it again when it runs again.
-    return "interrupted", (f": {results_path} is unreadable; the trial's run writes it "
-                           "again when the sweep runs again")
   if results is not None:
     value = results.get(sweep.metric)
     if value is None:
