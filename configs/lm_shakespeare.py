@@ -2,6 +2,11 @@
 
     python -m genflax.main --config configs/lm_shakespeare.py --workdir runs/lm
     python -m genflax.sample --workdir runs/lm --prompt "ROMEO:" --max_new_tokens 500 --temperature 0.8 --top_k 40 --top_p 0.95 --seed 0
+    python -m genflax.sample --workdir runs/lm --prompts prompts.txt --references truths.txt --temperature 0
+
+The final evaluation reports validation loss, perplexity, bits/char and
+BLEU / ROUGE-L of greedy continuations of held-out passages beside a
+repeat-the-last-line baseline (`eval.continuations`; `pip install -e '.[lm]'`).
 
 Variants (the `:arg`, comma-separated): `nano` (the default: 4 layers, 4
 heads, 128 wide, context 64; a few minutes on 2 CPU cores), `baby` (6x6x384,
@@ -58,6 +63,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       sample_tokens=300,
       temperature=0.8, top_k=40, top_p=0.95,
   )
+  # At the final evaluation: held-out validation prompts, evenly spaced over
+  # the split, continued by the model and scored against their true
+  # continuations with BLEU and ROUGE-L (genflax/tasks/text_metrics.py).
+  c.eval.continuations = ml_collections.ConfigDict(dict(
+      num_prompts=256,             # 0: none scored
+      prompt_tokens=64,            # each prompt's length, at most the context
+      new_tokens=64,               # each continuation's, and its true text's
+      temperature=0.0, top_k=0, top_p=1.0,  # greedy: the same scores every time
+  ))
   # On CPU, one device per core runs the batch data-parallel: at nano size
   # the single default device leaves the second core idle (benchmarks/README.md).
   c.cpu_devices = -1
@@ -98,6 +112,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.variant = "tiny"
     c.data.batch_size = 16
     c.eval.update(batch_size=32, num_windows=64, sample_tokens=24)
+    c.eval.continuations.update(num_prompts=4, prompt_tokens=16, new_tokens=24)
     if c.tokenizer.kind == "sentencepiece":
       c.tokenizer.vocab_size = 400
   return c

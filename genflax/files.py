@@ -77,6 +77,11 @@ A sweep's workdir (genflax.sweep):
 Outputs named by --out (genflax.sample, genflax.sweep report, the benchmarks):
 their folders are made, or the path is refused before any work (check_output,
 check_folder); each file is written atomically.
+
+Inputs named by --prompts and --references (genflax.sample, a language
+model's): one text per line, read once. Missing, unreadable, not UTF-8,
+empty, with a blank line, or a count of references unlike the prompts':
+refused before the checkpoint is loaded.
 """
 import json
 import os

@@ -87,6 +87,13 @@ BAD = [  # (config, overrides, what the error says)
     (LM, ["eval.top_p=0"], "eval.top_p=0.0: must be in (0, 1]"),
     (LM, ["eval.temperature=-1"], "eval.temperature=-1.0: must be >= 0"),
     (LM, ["eval.num_windows=-1"], "eval.num_windows=-1: must be an integer >= 0"),
+    (LM, ["eval.continuations.num_prompts=-1"],
+     "eval.continuations.num_prompts=-1: must be an integer >= 0"),
+    (LM, ["eval.continuations.new_tokens=0"],
+     "eval.continuations.new_tokens=0: must be an integer >= 1"),
+    (LM, ["eval.continuations.prompt_tokens=17"], "eval.continuations.prompt_tokens=17 is "
+                                                 "longer than the model's context of 16 tokens"),
+    (LM, ["eval.continuations.top_p=0"], "eval.continuations.top_p=0.0: must be in (0, 1]"),
 ]
 
 

@@ -1,4 +1,5 @@
 """The LM family: corpus, tokenizers, Transformer, KV-cache sampling, CLI."""
+import argparse
 import collections
 import functools
 import hashlib
@@ -19,7 +20,7 @@ from genflax import data, sharding, tasks, tokenizers, trainer
 from genflax.data import shakespeare
 from genflax.errors import ConfigError
 from genflax.models import layers, transformer
-from genflax.tasks import lm
+from genflax.tasks import lm, text_metrics
 from tests import helpers
 
 ODD_TEXT = "héllo  wörld\n\n  x\t☃ ok\nROMEO:\n  \n"
@@ -467,6 +468,144 @@ def test_sample_cli_continues_several_prompts(smoke_run):
   texts = result.stdout.split("---- sample ")[1:]
   assert len(texts) == 2
   assert texts[0].startswith("0\nROMEO:") and texts[1].startswith("1\nJULIET\nO")
+
+
+# ---- Continuations of held-out text, scored
+
+@pytest.fixture(scope="module")
+def trained(smoke_run):
+  """The smoke run's (setup, parameters) as genflax.sample loads them: its held-out
+  passages and tokenizer, on one device."""
+  _, setup, state, _ = trainer.load_run(smoke_run[0])
+  return setup, state["params"]
+
+
+def _texts(setup):
+  """The smoke passages' prompts and true continuations, as text."""
+  c, tok = setup.config.eval.continuations, setup.info.tokenizer
+  passages = setup.info.passages
+  return ([tok.decode(p) for p in passages[:, :c.prompt_tokens]],
+          [tok.decode(p) for p in passages[:, c.prompt_tokens:]])
+
+
+def test_final_evaluation_scores_the_continuations(smoke_run):
+  _, results = smoke_run
+  for key in ("bleu", "bleu_baseline"):
+    assert 0 <= results[key] <= 100 and np.isfinite(results[key]), results
+  for key in ("rouge_l", "rouge_l_baseline"):
+    assert 0 <= results[key] <= 1 and np.isfinite(results[key]), results
+
+
+def test_passages_are_evenly_spaced_held_out_text():
+  passages = lm.held_out_passages(np.arange(100), 3, 10)
+  np.testing.assert_array_equal(passages[:, 0], [0, 45, 90])
+  np.testing.assert_array_equal(passages[2], np.arange(90, 100))
+  with pytest.raises(ConfigError, match="fewer than the 10 of one passage"):
+    lm.held_out_passages(np.arange(9), 3, 10)
+
+
+def test_true_continuations_score_full_marks_and_others_less(trained, monkeypatch):
+  """The evaluation's own pairing, with the sampler replaced by one that returns
+  each passage's true continuation (then BLEU 100, ROUGE-L 1: a prompt scored
+  against another's truth would fall short), or another passage's."""
+  setup, params = trained
+  c = setup.config.eval.continuations
+  truths = setup.info.passages[:, c.prompt_tokens:]
+  assert setup.info.passages.shape == (4, 16 + 24)
+  monkeypatch.setattr(lm, "continue_tokens", lambda *args: truths)
+  perfect = lm.continuation_scores(setup, params, jax.random.PRNGKey(0))
+  assert perfect["bleu"] == pytest.approx(100) and perfect["rouge_l"] == pytest.approx(1)
+  assert 0 <= perfect["bleu_baseline"] < 50 and 0 < perfect["rouge_l_baseline"] < 0.5
+  monkeypatch.setattr(lm, "continue_tokens", lambda *args: np.roll(truths, 1, 0))
+  shifted = lm.continuation_scores(setup, params, jax.random.PRNGKey(0))
+  assert shifted["bleu"] < 50 and shifted["rouge_l"] < 0.5
+  assert shifted["bleu_baseline"] == perfect["bleu_baseline"]
+  # One word changed in each text: lower, but not nothing.
+  prompts, refs = _texts(setup)
+  changed = text_metrics.scores(prompts, [r.replace(r.split()[1], "zzz", 1) for r in refs], refs)
+  assert 10 < changed["bleu"] < 100 and 0.5 < changed["rouge_l"] < 1
+
+
+def test_continuations_in_batches_keep_their_rows(trained, monkeypatch):
+  """10 prompts in batches of at most 4: three of 4 rows (the last padded), one
+  shape to compile, and each prompt's own new tokens back in its row."""
+  setup, params = trained
+  shapes = []
+
+  def fake(setup, params, prompts, num_new, rng, *sampling):  # new tokens: the prompt + 100
+    shapes.append(prompts.shape)
+    return jnp.concatenate([prompts, prompts[:, :num_new] + 100], 1)
+
+  monkeypatch.setattr(lm, "generate_tokens", fake)
+  prompts = np.arange(30, dtype=np.int32).reshape(10, 3)
+  new = lm.continue_tokens(setup, params, prompts, 2, jax.random.PRNGKey(0),
+                           setup.config.eval.continuations, batch_size=4)
+  assert shapes == [(4, 3)] * 3
+  np.testing.assert_array_equal(new, prompts[:, :2] + 100)
+
+
+def test_the_baseline_repeats_the_prompts_last_line():
+  assert text_metrics.repeat_last_line("ROMEO\nO Romeo.\n\nJUL", 12) == "O Romeo.\nO R"
+  assert text_metrics.repeat_last_line("no line", 9) == "no lineno"
+
+
+def test_without_the_libraries_the_scores_are_skipped_in_one_line(trained, monkeypatch, capsys):
+  setup, params = trained
+  monkeypatch.setitem(text_metrics.LIBRARIES, "rouge-score", "genflax_no_such_module")
+  assert lm.continuation_scores(setup, params, jax.random.PRNGKey(0)) == {}
+  assert capsys.readouterr().out == ("continuation scores skipped: BLEU and ROUGE-L need "
+                                     "rouge-score, not installed here: pip install 'genflax[lm]'\n")
+
+
+def _write_texts(path, texts):
+  path.write_text("".join(t.replace("\\", "\\\\").replace("\n", "\\n") + "\n" for t in texts))
+  return str(path)
+
+
+def test_sample_cli_scores_continuations_against_references(smoke_run, trained, tmp_path):
+  """Held-out prompts from a file, continued by genflax.sample and scored against
+  references of several lengths: the model's own continuations (sampled here
+  with the command's seed; greedy ones of 12 steps' training repeat one
+  letter) cut to those lengths score BLEU 100 and ROUGE-L 1, so each
+  continuation is paired with its prompt and as long as its reference."""
+  setup, params = trained
+  c, tok = setup.config.eval.continuations, setup.info.tokenizer
+  prompts, _ = _texts(setup)
+  sampling = argparse.Namespace(temperature=1.0, top_k=0, top_p=1.0)
+  new = lm.continue_tokens(setup, params, setup.info.passages[:, :c.prompt_tokens], c.new_tokens,
+                           jax.random.PRNGKey(0), sampling)
+  refs = [tok.decode(row[:c.new_tokens - 4 * i]) for i, row in enumerate(new)]
+  result = helpers.cli("--workdir", smoke_run[0], "--temperature", "1", "--seed", "0",
+                       "--prompts", _write_texts(tmp_path / "p.txt", prompts),
+                       "--references", _write_texts(tmp_path / "r.txt", refs),
+                       module="genflax.sample")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.count("---- sample ") == 4
+  assert f"---- sample 3\n{prompts[3]}{refs[3]}\n" in result.stdout
+  scores = dict(re.findall(r"(\w+) ([\d.e+-]+)", result.stdout.splitlines()[-1]))
+  want = text_metrics.scores(prompts, refs, refs)
+  assert want["bleu"] == pytest.approx(100) and want["rouge_l"] == pytest.approx(1)
+  for key, value in want.items():
+    assert float(scores[key]) == pytest.approx(value, rel=1e-3, abs=1e-4), (key, result.stdout)
+
+
+def test_sample_cli_bad_prompt_files_are_one_line(smoke_run, tmp_path):
+  workdir, _ = smoke_run
+  two = _write_texts(tmp_path / "two.txt", ["To be", "or not\nto be"])
+  (tmp_path / "blank.txt").write_text("To be\n\nor not\n")
+  for args, message in [
+      (["--prompts", str(tmp_path / "none.txt")], "--prompts=" + str(tmp_path / "none.txt") +
+       ": No such file or directory"),
+      (["--prompts", two, "--references", str(tmp_path / "blank.txt")],
+       f"--references={tmp_path / 'blank.txt'}: line 2 is blank"),
+      (["--prompt", "ROMEO", "--references", two], "--references holds 2 texts for 1 prompts"),
+      (["--prompts", two, "--prompt", "ROMEO"], "--prompt and --prompts both given"),
+      (["--prompts", two, "--references", two, "--max_new_tokens", "5"],
+       "--max_new_tokens and --references both given")]:
+    result = helpers.cli("--workdir", workdir, *args, module="genflax.sample")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
 
 
 @pytest.mark.slow

@@ -12,7 +12,13 @@ overlap by one, so every token after the first is a target exactly once.
 Evaluation runs over all validation windows (or, with
 `eval.num_windows`, a fixed seeded subset of them) and reports the mean
 next-token loss in nats, its perplexity, and bits per character and per
-UTF-8 byte of the predicted text (which compare across tokenizers).
+UTF-8 byte of the predicted text (which compare across tokenizers). The
+final evaluation also continues `eval.continuations.num_prompts` held-out
+passages' first `prompt_tokens` tokens by `new_tokens` (greedy unless the
+config says otherwise) and scores the continuations against the passages'
+true text with BLEU and ROUGE-L, beside a repeat-the-last-line baseline
+(genflax/tasks/text_metrics.py; `genflax.sample --references` scores given
+prompts the same way).
 
 Sampling keeps a KV cache of T positions: one prefill of the prompt, then a
 `lax.scan` of one-token steps. When the cache is full, the last T/2 tokens
@@ -31,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genflax import checks, data, evaluation, optim, platform, sharding, tokenizers
+from genflax import checks, data, evaluation, metrics, optim, platform, sharding, tokenizers
 from genflax.errors import ConfigError
 from genflax.models import layers, transformer
 from genflax.models.transformer import Transformer
+from genflax.tasks import text_metrics
 
 
 # ---- Data
@@ -51,6 +58,9 @@ class TextInfo:
   tokens_per_char: float     # over the evaluated targets
   tokens_per_byte: float     # of their UTF-8 encoding
   crops: dict = dataclasses.field(default_factory=dict)  # the trainer's Batches(crops=)
+  # Held-out prompts and their true continuations, int32 [n, prompt + new tokens]
+  # (`held_out_passages`): what the final evaluation continues and scores.
+  passages: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
   def __str__(self):
     return (f"{self.name} ({self.tokenizer.kind} tokens, vocabulary {self.tokenizer.vocab_size}; "
@@ -68,6 +78,17 @@ def windows(ids: np.ndarray, t: int, width: int | None = None) -> np.ndarray:
   return ids[starts + np.arange(width)[None, :]]
 
 
+def held_out_passages(ids: np.ndarray, n: int, length: int) -> np.ndarray:
+  """n passages [n, length] of a token stream [L], their starts evenly spaced from
+  its beginning to its end (the same passages in every run of a tokenizer)."""
+  if len(ids) < length:
+    raise ConfigError(f"the validation split has {len(ids):,} tokens, fewer than the "
+                      f"{length:,} of one passage to continue (eval.continuations.prompt_tokens "
+                      "+ new_tokens): shorten them, or set eval.continuations.num_prompts=0")
+  starts = np.linspace(0, len(ids) - length, n).round().astype(int)
+  return ids[starts[:, None] + np.arange(length)[None, :]]
+
+
 def datasets(config, workdir: str):
   """Windows {"tokens": int32 [N, T + 1]}; the tokenizer is trained into workdir/tokenizer."""
   train_text, val_text = data.load_text(config.data.name, config.data.data_dir or None)
@@ -83,8 +104,13 @@ def datasets(config, workdir: str):
     test = test[np.sort(rows)]
   targets = "".join(tok.decode(w[1:]) for w in test)
   n = test[:, 1:].size
+  # .get: genflax.sample reads the config.json of runs made before the section existed.
+  c = config.eval.get("continuations")
+  passages = (held_out_passages(val_ids, c.num_prompts, c.prompt_tokens + c.new_tokens)
+              if c and c.num_prompts else None)
   info = TextInfo(config.data.name, tok, t, len(train_ids), len(val_ids), len(train), len(test),
-                  n / len(targets), n / len(targets.encode("utf-8")), {"tokens": t + 1})
+                  n / len(targets), n / len(targets.encode("utf-8")), {"tokens": t + 1},
+                  passages)
   return {"tokens": train}, {"tokens": test}, info
 
 
@@ -127,6 +153,14 @@ def check(config) -> None:
   checks.integer(config, "eval.num_windows", 0)
   checks.integer(config, "eval.sample_tokens", 0)
   checks.sampling(config.eval, "eval.")
+  checks.integer(config, "eval.continuations.num_prompts", 0)
+  checks.integer(config, "eval.continuations.new_tokens", 1)
+  checks.integer(config, "eval.continuations.prompt_tokens", 1)
+  prompt, t = config.eval.continuations.prompt_tokens, variant(config).context
+  if prompt > t:  # the sampler's prefill holds at most the context
+    raise ConfigError(f"eval.continuations.prompt_tokens={prompt} is longer than the model's "
+                      f"context of {t} tokens: use at most {t}")
+  checks.sampling(config.eval.continuations, "eval.continuations.")
 
 
 def build(config, info: TextInfo) -> Setup:
@@ -212,12 +246,32 @@ _eval_step = jax.jit(eval_step, static_argnums=(0, 4))
 
 
 def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
-  """eval_step's means over the eval windows, plus perplexity = exp(mean loss)."""
+  """eval_step's means over the eval windows, plus perplexity = exp(mean loss);
+  at the final evaluation, the continuations' BLEU and ROUGE-L too."""
   step = lambda s, b, r, f: _eval_step(setup, s, b, r, f)
   values = evaluation.split_means(step, state, test, setup.config.eval.batch_size,
                                   sharding.batch_sharding(setup.mesh), rng, final)
   values["perplexity"] = math.exp(values["loss"])
+  if final and setup.info.passages is not None:
+    values.update(continuation_scores(setup, state["params"], rng))
   return values
+
+
+def continuation_scores(setup: Setup, params, rng) -> dict:
+  """BLEU and ROUGE-L of the held-out passages' continuations and of the baseline
+  (text_metrics.scores); {} with one line that says why when the libraries are missing."""
+  why = text_metrics.missing()
+  if why:
+    if jax.process_index() == 0:
+      print(f"continuation scores skipped: {why}")
+    return {}
+  e, tok = setup.config.eval, setup.info.tokenizer
+  c = e.continuations
+  prompts = setup.info.passages[:, :c.prompt_tokens]                 # [n, P]
+  truths = setup.info.passages[:, c.prompt_tokens:]                  # [n, N]
+  new = continue_tokens(setup, params, prompts, c.new_tokens, rng, c, e.batch_size)
+  return text_metrics.scores([tok.decode(p) for p in prompts], [tok.decode(x) for x in new],
+                             [tok.decode(x) for x in truths])
 
 
 def train_flops(setup: Setup) -> float:
@@ -292,6 +346,30 @@ def generate_tokens(setup: Setup, params, prompts, num_new: int, rng,
   return buf
 
 
+def continue_tokens(setup: Setup, params, prompts: np.ndarray, num_new: int, rng,
+                    sampling, batch_size: int | None = None) -> np.ndarray:
+  """prompts int32 [B, P] -> the N new tokens [B, N] on the host, sampled with
+  `sampling`'s temperature, top_k and top_p; the prompts replicated over the mesh.
+
+  With batch_size, in as few equal batches of at most that many prompts as
+  cover B (the last padded with copies: one compilation), each batch with its
+  own key from `rng`; one batch draws from `rng` itself.
+  """
+  b, p = prompts.shape
+  count = -(-b // min(batch_size or b, b))
+  size = -(-b // count)
+  prompts = np.concatenate([prompts, np.repeat(prompts[-1:], count * size - b, 0)])
+  keys = jax.random.split(rng, count) if count > 1 else [rng]
+  repl = sharding.replicated(setup.mesh)
+  new = []
+  for i, key in enumerate(keys):
+    rows = sharding.put_batch({"prompts": prompts[i * size:(i + 1) * size]}, repl)["prompts"]
+    out = generate_tokens(setup, params, rows, num_new, key, sampling.temperature,
+                          sampling.top_k, sampling.top_p)
+    new.append(np.asarray(jax.device_get(out))[:, p:])
+  return np.concatenate(new)[:b]
+
+
 def encode_prompts(setup: Setup, prompts: list[str]) -> tuple[np.ndarray, list[int]]:
   """Prompts -> int32 [B, P] and each one's padding.
 
@@ -325,9 +403,21 @@ def write_samples(setup: Setup, tokens, writer, step: int) -> None:
 
 
 def generate(setup: Setup, state: dict, args) -> None:
-  """`genflax.sample`: continues each --prompt (batched) and prints the texts."""
-  prompts, pads = encode_prompts(setup, list(args.prompt))
-  out = generate_tokens(setup, state["params"], jnp.asarray(prompts), args.max_new_tokens,
-                        jax.random.PRNGKey(args.seed), args.temperature, args.top_k, args.top_p)
-  for i, row in enumerate(jax.device_get(out)):
-    print(f"---- sample {i}\n{setup.info.tokenizer.decode(row[pads[i]:])}")
+  """`genflax.sample`: continues each prompt (batched) and prints the texts.
+
+  With `args.references` (one per prompt), each continuation is as many
+  tokens long as its reference and is scored against it as the final
+  evaluation scores its passages (text_metrics.scores).
+  """
+  tok, texts, references = setup.info.tokenizer, list(args.prompt), args.references
+  lengths = ([len(tok.encode(r)) for r in references] if references
+             else [args.max_new_tokens] * len(texts))
+  prompts, pads = encode_prompts(setup, texts)
+  new = continue_tokens(setup, state["params"], prompts, max(lengths),
+                        jax.random.PRNGKey(args.seed), args)
+  new = [row[:n] for row, n in zip(new, lengths)]
+  for i, (prompt, pad) in enumerate(zip(prompts, pads)):
+    print(f"---- sample {i}\n{tok.decode(np.concatenate([prompt[pad:], new[i]]))}")
+  if references:
+    values = text_metrics.scores(texts, [tok.decode(row) for row in new], references)
+    print(f"scores  {metrics.format_values(values)}")
