@@ -241,7 +241,7 @@ def _steps(loop: _Loop, stop, profile, on_eval) -> bool:
   first_step = loop.step + 1
   while loop.step < train.num_steps and not stop.agreed(loop.step):
     profile(loop.step, loop.state)
-    _step(loop, stop)
+    _step(loop)
     if loop.step == first_step:  # Time the compilation apart from the steps/s.
       jax.block_until_ready(loop.state)
       loop.log(f"step {loop.step}: train step compiled and ran in "
@@ -261,13 +261,11 @@ def _steps(loop: _Loop, stop, profile, on_eval) -> bool:
   return False
 
 
-def _step(loop: _Loop, stop: "StopRequest") -> None:
-  """Queues one train step; its metrics join loop.pending, the signals it
-  gathered (several processes) go to `stop`."""
+def _step(loop: _Loop) -> None:
+  """Queues one train step; its metrics join loop.pending."""
   inputs = loop.run.feed.inputs(loop.step)
   with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
-    loop.state, step_metrics = loop.run.train_step(loop.state, inputs, *stop.inputs())
-  stop.queued(step_metrics.pop(SIGNALS, None))
+    loop.state, step_metrics = loop.run.train_step(loop.state, inputs)
   # At most two steps in flight: the host waits for the previous step before
   # it queues another. A deeper queue gains nothing once the devices are
   # busy, and with several CPU devices in one process it can starve XLA's
@@ -421,29 +419,21 @@ def make_train_step(task, setup, state_sh, feed: data.Feed):
   """The family's step as the loop runs it: jitted, sharded, state donated.
 
   train_step(state, feed.inputs(step)) -> (state, metrics): the batch comes
-  from the feed (sent by the host, or gathered on the devices). With several
-  processes it takes a third input, StopRequest.inputs()'s signal of each
-  device, and returns their maximum as metrics[SIGNALS]: every process learns
-  of a signal that reached any of them from the step's own collectives.
+  from the feed (sent by the host, or gathered on the devices).
   Returns (train_step, traces); traces[0] counts how often it was compiled.
   """
   traces = [0]
-  mesh = feed.batch_sharding.mesh
 
-  def step_fn(state, inputs, signals=None):
+  def step_fn(state, inputs):
     traces[0] += 1  # Python runs this only while tracing: counts compilations.
     batch = feed.batch(inputs, state["step"])
     rng = jax.random.fold_in(state["rng"], state["step"])
     task_state, step_metrics = task.train_step(setup, state["task"], batch, rng)
-    if signals is not None:
-      step_metrics = {**step_metrics, SIGNALS: jnp.max(signals)}
     return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}, step_metrics
 
-  in_shardings = (state_sh, feed.shardings)
-  if jax.process_count() > 1:
-    in_shardings += (signals_sharding(mesh),)
-  return jax.jit(step_fn, in_shardings=in_shardings,
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0), traces
+  repl = sharding.replicated(feed.batch_sharding.mesh)
+  return jax.jit(step_fn, in_shardings=(state_sh, feed.shardings),
+                 out_shardings=(state_sh, repl), donate_argnums=0), traces
 
 
 def state_layout(task, setup, mesh, split_optimizer: bool = True):
@@ -522,27 +512,17 @@ class Profiler:
       self.log(f"profile of steps {self.start}-{step} written to {self.logdir}")
 
 
-SIGNALS = "signals"  # the train step's metric that carries the stop signals (popped)
-
-
-def signals_sharding(mesh) -> NamedSharding:
-  """One value per device of the mesh: the stop signal its process received."""
-  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
-
-
 class StopRequest:
   """Turns SIGTERM and Ctrl-C into a request to checkpoint and stop cleanly.
 
   One process stops at the next step. Several processes must stop at the
   same step (saving a checkpoint is collective), and a preemption may reach
-  only some of them: the train step itself takes every device's received
-  signal (`inputs`: 0 for none; each process's own, placed once per value)
-  and returns their maximum beside its metrics, reduced with the step's own
-  collectives. Before every step each process reads the value of the step
-  before the last, which has finished by then. Every process reads the same
-  value at the same step, so all stop together, three steps after the step
-  at which the signal reached any of them, with no program or host round trip
-  of their own.
+  only some of them: before every step each process queues a small compiled
+  program that gathers every device's received signal (0 for none; each
+  process's own, placed once per value), and reads the previous step's
+  gather, which has finished by then. Every process reads the same values at
+  the same step, so all stop together, one or two steps after the signal
+  reached any of them, with no host round trip of their own.
   """
 
   def __init__(self, mesh=None):
@@ -551,31 +531,15 @@ class StopRequest:
     self.step = 0        # the step agreed() last saw
     self._received_at = None  # the step at which the signal came, until said
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    self._several = jax.process_count() > 1
-    if self._several:
-      self._sharding = signals_sharding(mesh)
-      self._placed = {}   # encoded signal -> its global array, made once
-      self._queued = []   # the newest two steps' agreed values (device scalars)
-
-  def inputs(self) -> tuple:
-    """The train step's inputs beyond state and batch: none for one process; for
-    several, this process's signal on each of its devices, encoded so that the
-    maximum over devices names the strongest signal and the lowest process that
-    received it (`agreed` reads it back)."""
-    if not self._several:
-      return ()
-    value = (int(self.signal) << 16 | 0xFFFF - jax.process_index()) if self.signal else 0
-    if value not in self._placed:
-      shards = [jax.device_put(np.full((1,), value, np.int32), d)
-                for d in self._sharding.addressable_devices]
-      self._placed[value] = jax.make_array_from_single_device_arrays(
-          (self._sharding.mesh.devices.size,), self._sharding, shards)
-    return (self._placed[value],)
-
-  def queued(self, agreed) -> None:
-    """The queued step's agreed value (its metrics[SIGNALS]; None for one process)."""
-    if self._several:
-      self._queued = [*self._queued[-1:], agreed]
+    self._exchange = None
+    if jax.process_count() > 1:
+      # By process, so that row p of the gathered values is process p's.
+      devices = sorted(np.asarray(mesh.devices).flat, key=lambda d: (d.process_index, d.id))
+      flat = jax.sharding.Mesh(np.asarray(devices), ("all",))
+      self._sharding = NamedSharding(flat, P("all"))  # one value per device
+      self._exchange = jax.jit(lambda f: f, out_shardings=NamedSharding(flat, P()))
+      self._local = {}   # signal number -> its global array, made once
+      self._pending = None
 
   def agreed(self, step: int) -> bool:
     """Whether to stop now (call it before every step, on every process)."""
@@ -584,16 +548,21 @@ class StopRequest:
       print(f"{self.signal.name} received by process {jax.process_index()} at step "
             f"{self._received_at}", flush=True)
       self._received_at = None
-    if not self._several:
+    if self._exchange is None:
       self.reason = self.signal and self.signal.name
       return self.reason is not None
-    if len(self._queued) < 2:
-      return False
-    # The older of the two: the loop waited for it before queuing the newer one.
-    value = int(np.asarray(self._queued[0]))
-    if value:
-      self.reason = f"{signal.Signals(value >> 16).name} (process {0xFFFF - (value & 0xFFFF)})"
-      return True
+    if self._pending is not None:
+      received = np.asarray(self._pending).reshape(jax.process_count(), -1)[:, 0]
+      senders = np.flatnonzero(received)
+      if len(senders):
+        first = int(senders[0])
+        self.reason = f"{signal.Signals(int(received[first])).name} (process {first})"
+        return True
+    value = int(self.signal or 0)
+    if value not in self._local:
+      local = np.full(jax.local_device_count(), value, np.int32)
+      self._local[value] = jax.make_array_from_process_local_data(self._sharding, local)
+    self._pending = self._exchange(self._local[value])
     return False
 
   def close(self):
