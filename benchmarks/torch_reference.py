@@ -115,46 +115,67 @@ def vae_step(config, info, layout):
 
 
 class Generator(nn.Module):
-  """genflax.tasks.gan's DCGAN generator (4x4 stride-2 transposed convs, ReLU, tanh)."""
+  """genflax.tasks.gan's DCGAN generator: dense layers (`g_hidden`), a dense layer
+  to the smallest feature map, 4x4 stride-2 transposed convs, ReLU, tanh; with
+  `g_norm=batch`, batch norm (the batch's statistics) after every layer but the
+  last, which then has no bias."""
 
   def __init__(self, m, image_shape):
     super().__init__()
     h, w, c = image_shape
+    norm = m.get("g_norm", "none") == "batch"
     self.size = (h // 2 ** len(m.g_channels), w // 2 ** len(m.g_channels))
-    self.dense = nn.Linear(m.latent_dim, m.g_channels[0] * self.size[0] * self.size[1])
+    widths = [m.latent_dim, *m.g_hidden, m.g_channels[0] * self.size[0] * self.size[1]]
+    self.dense = nn.ModuleList(nn.Linear(a, b, bias=not norm) for a, b in zip(widths, widths[1:]))
     chans = [*m.g_channels, c]
-    self.convs = nn.ModuleList(nn.ConvTranspose2d(a, b, 4, 2, 1) for a, b in zip(chans, chans[1:]))
+    self.convs = nn.ModuleList(nn.ConvTranspose2d(a, b, 4, 2, 1, bias=not norm or b == c)
+                               for a, b in zip(chans, chans[1:]))
+    # Per feature after the dense layers (before the reshape), per channel after the convs.
+    self.norms = nn.ModuleList([nn.BatchNorm1d(n, track_running_stats=False) for n in widths[1:]] +
+                               [nn.BatchNorm2d(n, track_running_stats=False)
+                                for n in chans[1:-1]]) if norm else None
 
   def forward(self, z):
-    h = F.relu(self.dense(z)).reshape(z.shape[0], -1, *self.size)
-    for layer in self.convs[:-1]:
-      h = F.relu(layer(h))
+    layers = [*self.dense, *self.convs[:-1]]
+    norms = self.norms or [nn.Identity()] * len(layers)
+    h = z
+    for i, (layer, norm) in enumerate(zip(layers, norms)):
+      h = F.relu(norm(layer(h)))
+      if i == len(self.dense) - 1:
+        h = h.reshape(z.shape[0], -1, *self.size)  # the same sizes; the order is immaterial here
     return torch.tanh(self.convs[-1](h))
 
 
 class Discriminator(nn.Module):
-  """genflax.tasks.gan's DCGAN discriminator (4x4 stride-2 convs, leaky ReLU 0.2)."""
+  """genflax.tasks.gan's DCGAN discriminator: 4x4 stride-2 convs, then dense layers
+  (`d_hidden`) and the logit, leaky ReLU 0.2."""
 
   def __init__(self, m, image_shape):
     super().__init__()
     h, w, c = image_shape
     chans = [c, *m.d_channels]
     self.convs = nn.ModuleList(nn.Conv2d(a, b, 4, 2, 1) for a, b in zip(chans, chans[1:]))
-    self.out = nn.Linear(m.d_channels[-1] * (h // 2 ** len(m.d_channels)) *
-                         (w // 2 ** len(m.d_channels)), 1)
+    flat = m.d_channels[-1] * (h // 2 ** len(m.d_channels)) * (w // 2 ** len(m.d_channels))
+    widths = [flat, *m.d_hidden]
+    self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+    self.out = nn.Linear(widths[-1], 1)
 
   def forward(self, x):
     h = x
     for layer in self.convs:
       h = F.leaky_relu(layer(h), 0.2)
-    return self.out(h.flatten(1))[:, 0]
+    h = h.flatten(1)
+    for layer in self.hidden:
+      h = F.leaky_relu(layer(h), 0.2)
+    return self.out(h)[:, 0]
 
 
 def gan_step(config, info, layout):
   """([G, D], a train step -> (D's loss, G's loss)) of the DCGAN `config` describes."""
   m = config.model
-  if m.arch != "dcgan" or m.conditional or m.g_hidden or m.d_hidden or config.loss.n_critic != 1:
-    raise SystemExit("torch_reference: only the unconditional DCGAN with one critic step")
+  if m.arch != "dcgan" or m.conditional or m.get("d_minibatch_std") or config.loss.n_critic != 1:
+    raise SystemExit("torch_reference: only the unconditional DCGAN with one critic step and "
+                     "no minibatch std")
   g = Generator(m, info.image_shape).to(memory_format=layout)
   d = Discriminator(m, info.image_shape).to(memory_format=layout)
   ema = [p.detach().clone() for p in g.parameters()]
