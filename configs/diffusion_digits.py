@@ -29,6 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       channels=(32, 64),           # U-Net widths per resolution, full size first
       blocks=2,                    # residual blocks per resolution
       attention=True,              # self-attention at the lowest resolution
+      patch=1,                     # the levels run on patch x patch patches (space to depth)
       conditional="conditional" in variants,
       label_dropout=0.1,           # conditional: share of labels dropped (for guidance)
       conv="auto",                 # auto | xla | matmul (auto: matmul on CPU; genflax/models/conv.py)

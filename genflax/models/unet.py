@@ -10,7 +10,11 @@ starts as the identity), stride-2 convs down, nearest-neighbour upsampling +
 conv up, the skips concatenated; self-attention at the lowest resolution.
 The noise level enters through sinusoidal features and a two-layer MLP, a
 label through an embedding of L + 1 rows (row L: "no label", for
-classifier-free guidance). Convolutions go through genflax/models/conv.py
+classifier-free guidance). With `patch` p > 1 the image enters as p x p
+patches (space to depth: [B, H/p, W/p, p*p*C]) and leaves the same way, so
+every level runs at 1/p of the image's side: at 28x28, patch 2 puts the first
+level at 14x14, where wider layers cost what narrow ones did at full size.
+Convolutions go through genflax/models/conv.py
 (`conv` picks how they run; the parameters are the same), layers compute in
 `dtype` with parameters in `param_dtype` (genflax/models/layers.py), and the
 output is float32. The objective, samplers and likelihood that use it are in
@@ -30,6 +34,20 @@ def level_embedding(level, width: int):
   freqs = jnp.exp(jnp.linspace(0.0, math.log(1000.0), width // 2))
   angles = level[:, None] * freqs[None, :]
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], -1)
+
+
+def space_to_depth(x, p: int):
+  """[B, H, W, C] -> [B, H/p, W/p, p*p*C]: each p x p patch becomes one pixel."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x, p: int):
+  """The inverse of space_to_depth: [B, H/p, W/p, p*p*C] -> [B, H, W, C]."""
+  b, h, w, pc = x.shape
+  x = x.reshape(b, h, w, p, p, pc // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * p, w * p, pc // (p * p))
 
 
 class ResBlock(nn.Module):
@@ -79,6 +97,7 @@ class UNet(nn.Module):
   conv: str = "xla"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  patch: int = 1             # side of the square patches the image enters and leaves as
 
   @nn.compact
   def __call__(self, x, level, y=None):
@@ -91,7 +110,8 @@ class UNet(nn.Module):
     if y is not None:
       emb = emb + nn.Embed(self.num_classes + 1, width, **dtypes)(y)
     emb = nn.silu(emb)                                                   # [B, E]
-    h = conv.Conv(self.channels[0], (3, 3), impl=self.conv, **dtypes)(x.astype(self.dtype))
+    h = conv.Conv(self.channels[0], (3, 3), impl=self.conv, **dtypes)(
+        space_to_depth(x, self.patch).astype(self.dtype))
     skips = [h]
     for i, d in enumerate(self.channels):
       for _ in range(self.blocks):
@@ -111,6 +131,6 @@ class UNet(nn.Module):
         h = jnp.repeat(jnp.repeat(h, 2, 1), 2, 2)                        # doubles H, W
         h = conv.Conv(d, (3, 3), impl=self.conv, **dtypes)(h)
     h = nn.silu(nn.GroupNorm(min(8, h.shape[-1]), **dtypes)(h))
-    out = conv.Conv(x.shape[-1], (3, 3), impl=self.conv, kernel_init=nn.initializers.zeros,
-                    **dtypes)(h)
-    return out.astype(jnp.float32)
+    out = conv.Conv(self.patch ** 2 * x.shape[-1], (3, 3), impl=self.conv,
+                    kernel_init=nn.initializers.zeros, **dtypes)(h)
+    return depth_to_space(out, self.patch).astype(jnp.float32)

@@ -86,6 +86,7 @@ def check(config) -> None:
     raise ConfigError(f"model.channels={tuple(m.channels)}: group norm takes 8 groups, so "
                       "every width must be a multiple of 8")
   checks.integer(config, "model.blocks", 1)
+  checks.integer(config, "model.patch", 1)
   checks.boolean(config, "model.attention")
   checks.boolean(config, "model.conditional")
   checks.number(config, "model.label_dropout", low=0, below=1)
@@ -118,15 +119,18 @@ def check(config) -> None:
 def build(config, info) -> Setup:
   m = config.model
   h, w, _ = info.image_shape
-  down = 2 ** (len(m.channels) - 1)
+  patch = m.get("patch", 1)
+  down = patch * 2 ** (len(m.channels) - 1)
   if h % down or w % down:
-    raise ConfigError(f"model.channels={tuple(m.channels)}: {len(m.channels) - 1} halvings "
-                      f"need H and W divisible by {down}, got {h}x{w}")
+    raise ConfigError(f"model.channels={tuple(m.channels)} with model.patch={patch}: "
+                      f"{len(m.channels) - 1} halvings of {patch}x{patch} patches need H and W "
+                      f"divisible by {down}, got {h}x{w}; use fewer levels or a smaller patch")
   if m.conditional and not info.num_classes:
     raise ConfigError(f"model.conditional=True needs labels; dataset {info.name} has none")
   net = unet.UNet(tuple(m.channels), m.blocks, m.attention,
                   info.num_classes if m.conditional else 0,
-                  conv.conv_impl(m.get("conv", "auto"), info.image_shape[:2]), *layers.dtypes(m))
+                  conv.conv_impl(m.get("conv", "auto"), (h // patch, w // patch)),
+                  *layers.dtypes(m), patch=patch)
   return Setup(config, info, net, optim.build(config.optim, config.train.num_steps),
                optim.schedule(config.optim, config.train.num_steps),
                sharding.make_mesh(config.mesh))
@@ -319,6 +323,8 @@ def net_macs(setup: Setup) -> int:
   """Multiply-adds of one U-Net pass on one image (convs and dense layers; attention's
   score matmuls included, norms and activations not)."""
   m, (h, w, c) = setup.config.model, setup.info.image_shape
+  p = m.get("patch", 1)
+  h, w, c = h // p, w // p, c * p * p  # the levels run on p x p patches
   conv3 = lambda hw, cin, cout: hw * 9 * cin * cout
   width = 4 * m.channels[0]
   macs = m.channels[0] // 2 * 2 * width + width * width   # the level embedding's MLP
@@ -361,7 +367,7 @@ def draw(setup: Setup, guidance: float, max_steps: int):
   """draw(params, rng, labels [n] or None, steps, n) -> images [n, H, W, C] in [-1, 1]
   with the config's sampler at any `steps` up to max_steps, guided by `guidance`,
   compiled once for each n (setup.cache)."""
-  key = ("draw", guidance, max_steps)
+  key = ("draw", setup.config.sample.sampler, guidance, max_steps)
   if key not in setup.cache:
     def fn(params, rng, y, steps, n):
       z = jax.random.normal(rng, (n, *setup.info.image_shape))
