@@ -41,6 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       p_mean=-1.2, p_std=1.2,      # edm: ln sigma ~ N(p_mean, p_std^2) (EDM's values)
       time_sampling="logit_normal",  # flow: uniform | logit_normal t
       ema_decay=0.999,             # EMA of the parameters, used for eval and samples
+      dequantize=False,            # train on uniformly dequantised levels (as bits/dim scores)
   ))
   c.sample = ml_collections.ConfigDict(dict(
       sampler="heun",              # euler | heun

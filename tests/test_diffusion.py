@@ -63,6 +63,27 @@ def test_patches_go_in_and_out_whole_and_the_flop_count_follows_them():
     _setup("smoke", **{"model.patch": 3})
 
 
+def test_dequantised_levels_fill_their_bins_evenly():
+  levels = jnp.tile(jnp.linspace(-1.0, 1.0, 17), 4000)  # the digits' 17 levels
+  x = diffusion.dequantize(levels, 17, jax.random.PRNGKey(0))
+  offset = np.asarray(x - levels) / (2.0 / 16)  # in bins
+  assert np.abs(offset).max() <= 0.5 and np.abs(offset).max() > 0.499
+  assert abs(offset.mean()) < 0.01 and offset.std() == pytest.approx(12 ** -0.5, rel=0.01)
+
+
+@pytest.mark.slow
+def test_a_train_step_on_dequantised_levels_sees_other_pixels():
+  losses = {}
+  for dequantize in (False, True):
+    setup, train, _ = _setup("smoke", **{"loss.dequantize": dequantize})
+    state = helpers.init(diffusion, setup, jax.random.PRNGKey(0))
+    _, m = jax.jit(functools.partial(diffusion.train_step, setup))(
+        state, data.Batches(train, 64, 0).get(0), jax.random.PRNGKey(1))
+    losses[dequantize] = float(m["loss"])
+  # The same noise and levels: only the dequantisation moves the loss, and by little.
+  assert losses[True] != losses[False] and losses[True] == pytest.approx(losses[False], rel=0.1)
+
+
 def _gaussian_drift(kind, mu, s):
   """dx/dtau of the exact model of data N(mu, s^2) (per dimension)."""
   if kind == "edm":  # D(x; sigma) = E[x0 | x] = mu + s^2 / (s^2 + sigma^2) (x - mu)

@@ -96,6 +96,7 @@ def check(config) -> None:
   checks.number(config, "loss.p_std", above=0)
   checks.one_of(config, "loss.time_sampling", TIME_SAMPLING)
   checks.number(config, "loss.ema_decay", low=0, below=1)
+  checks.boolean(config, "loss.dequantize")
   checks.one_of(config, "sample.sampler", SAMPLERS)
   checks.integer(config, "sample.steps", 1)
   checks.number(config, "sample.guidance", low=0)
@@ -306,9 +307,19 @@ def inputs(setup: Setup, batch):
   return x, batch["label"] if setup.config.model.conditional else None
 
 
+def dequantize(x, num_levels: int, rng):
+  """x [B, ...] on the levels' grid in [-1, 1] plus uniform noise over each level's bin
+  (width 2 / (L - 1)): a continuous point whose density, times the bin's volume,
+  bounds the level's probability from below."""
+  width = 2.0 / (num_levels - 1)
+  return x + (jax.random.uniform(rng, x.shape) - 0.5) * width
+
+
 def train_step(setup: Setup, state: dict, batch: dict, rng):
   def loss_fn(params, batch, rng):
     x, y = inputs(setup, batch)
+    if setup.config.loss.dequantize:  # fold_in: the other draws stay as without it
+      x = dequantize(x, setup.info.num_levels, jax.random.fold_in(rng, 3))
     rng_drop, rng_loss = jax.random.split(rng)
     loss = jnp.mean(losses(setup, params, x, drop_labels(setup, y, rng_drop), rng_loss))
     return loss, {"loss": loss}
@@ -399,8 +410,7 @@ def bits_per_dim(setup: Setup, params, test: dict, rng) -> np.ndarray:
   if "nll" not in setup.cache:
     def nll(params, images, labels, rng):
       rng_u, rng_probe = jax.random.split(rng)
-      x = image_metrics.scale(images, info.num_levels)
-      x = x + (jax.random.uniform(rng_u, x.shape) - 0.5) * width
+      x = dequantize(image_metrics.scale(images, info.num_levels), info.num_levels, rng_u)
       f = drift(setup, params, labels, 1.0)
       log_p = log_likelihood(c.loss.kind, f, x, c.sample, rng_probe, c.eval.nll_tolerance)
       return -(log_p + dims * math.log(width)) / (dims * math.log(2))
