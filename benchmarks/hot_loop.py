@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 from genflax import configfile, errors, files, hostmem, main as genflax_main, tasks, trainer
 from genflax.errors import ConfigError
 from genflax.models import conv, layers
+from genflax.models import onednn as onednn_matmul
 
 
 # Dense bfloat16 peak TFLOP/s per chip from the vendors' datasheets (no
@@ -65,12 +66,14 @@ def datasheet_peak(device) -> float:
   return float("nan")
 
 
-def matmul_peak(sizes=(1024, 2048), repeats: int = 5, dtype=jnp.float32) -> float:
-  """Best FLOP/s of a jitted square matmul in `dtype` on device 0."""
+def matmul_peak(sizes=(1024, 2048), repeats: int = 5, dtype=jnp.float32,
+                onednn: bool = False) -> float:
+  """Best FLOP/s of a jitted square matmul in `dtype` on device 0 (bfloat16 through
+  oneDNN with `onednn`, genflax/models/onednn.py: the units such a step's layers use)."""
   best = 0.0
   for n in sizes:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: onednn_matmul.matmul(x, x) if onednn else x @ x)
     f(a).block_until_ready()
     for _ in range(repeats):
       t = time.perf_counter()
@@ -79,10 +82,11 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 5, dtype=jnp.float32) -> floa
   return best
 
 
-def measured_peak(sizes, dtype=jnp.float32) -> float:
+def measured_peak(sizes, dtype=jnp.float32, onednn: bool = False) -> float:
   """matmul_peak on process 0 while the other processes wait (nan on them)."""
   multihost_utils.sync_global_devices("peak")
-  peak = matmul_peak(sizes, dtype=dtype) if jax.process_index() == 0 else float("nan")
+  peak = (matmul_peak(sizes, dtype=dtype, onednn=onednn) if jax.process_index() == 0
+          else float("nan"))
   multihost_utils.sync_global_devices("peak done")
   return peak
 
@@ -194,7 +198,8 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
   compiled = train_step.lower(state, feed.inputs(0)).compile()
   compile_s = time.perf_counter() - t
   xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
-  peak_before = measured_peak(peak_sizes, dtype)
+  on_onednn = config.model.get("dense_grads") == "onednn"  # its layers' matmuls run there
+  peak_before = measured_peak(peak_sizes, dtype, on_onednn)
 
   # Steps run at state["step"] = 0, 1, ...: step i takes feed.inputs(i), as in training.
   i = 0
@@ -244,7 +249,7 @@ def run(config, steps: int, warmup: int, peak_sizes=(1024, 2048)) -> dict:
 
   # The peak is measured before and after the steps, and the higher kept:
   # on a shared machine a single measurement can land in a slow moment.
-  peak = max(peak_before, measured_peak(peak_sizes, dtype))
+  peak = max(peak_before, measured_peak(peak_sizes, dtype, on_onednn))
   # One CPU device's matmul runs on all the host's cores, so its peak is the
   # host's; an accelerator's is one chip's, and the step runs on all of them.
   chips = 1 if jax.devices()[0].platform == "cpu" else int(np.prod(list(mesh.shape.values())))

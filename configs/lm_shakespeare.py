@@ -45,7 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # auto | einsum | dot_product_attention (jax.nn's: cuDNN's fused kernel on GPUs).
       # auto: einsum on CPU, dot_product_attention elsewhere (genflax/platform.py).
       attention="auto",
-      dense_grads="auto",          # auto | xla | row_major (auto: row_major on CPU; genflax/models/layers.py)
+      dense_grads="auto",          # auto | xla | row_major | onednn (auto: row_major on CPU; genflax/models/layers.py)
       dtype="float32",             # compute: float32 | bfloat16 (params, losses, softmax stay float32)
       param_dtype="float32",       # parameters and optimizer state
       scan_layers=False,           # one block scanned over depth (compile time flat in depth)

@@ -32,7 +32,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       obs_sigma=0.1,               # likelihood=gaussian only
       beta=1.0,                    # weight of the KL term (beta-VAE)
       conditional=False,           # labels into encoder and decoder
-      dense_grads="auto",          # auto | xla | row_major (auto: row_major on CPU; genflax/models/layers.py)
+      dense_grads="auto",          # auto | xla | row_major | onednn (auto: row_major on CPU; genflax/models/layers.py)
       conv="auto",                 # auto | xla | matmul (auto: matmul on CPU; genflax/models/conv.py)
       dtype="float32",             # compute: float32 | bfloat16 (params, likelihoods stay float32)
       param_dtype="float32",       # parameters and optimizer state

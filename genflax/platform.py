@@ -42,9 +42,13 @@ def grad_allreduce(backend: str, mesh_shape: dict, num_params: int,
   return choice if choice in allowed else "per_param"
 
 
-def dense_grads(backend: str) -> str:
-  """model.dense_grads=auto (genflax/models/layers.py)."""
-  return "row_major" if backend == "cpu" else "xla"
+def dense_grads(backend: str, bf16_matmul: bool = False) -> str:
+  """model.dense_grads=auto (genflax/models/layers.py): on CPU, oneDNN where the run
+  computes in bfloat16 and the CPU has bfloat16 units that oneDNN can drive
+  (`bf16_matmul`), else row-major gradients."""
+  if backend != "cpu":
+    return "xla"
+  return "onednn" if bf16_matmul else "row_major"
 
 
 def attention(backend: str) -> str:
@@ -66,12 +70,15 @@ def conv(backend: str, image_hw: tuple[int, int] = (0, 0)) -> str:
 
 
 def choices(config, backend: str, mesh_shape: dict, num_params: int,
-            allowed_allreduces=optim.GRAD_ALLREDUCES, image_hw=(0, 0)) -> dict:
-  """{key: value} for each `auto` key of `config` on this machine."""
+            allowed_allreduces=optim.GRAD_ALLREDUCES, image_hw=(0, 0),
+            bf16_matmul: bool = False) -> dict:
+  """{key: value} for each `auto` key of `config` on this machine. bf16_matmul:
+  whether oneDNN's bfloat16 matmul runs here on bfloat16 units (bf16_matmul_here)."""
+  bf16 = bf16_matmul and config.get("model", {}).get("dtype") == "bfloat16"
   rules = {
       "train.grad_allreduce": lambda: grad_allreduce(backend, mesh_shape, num_params,
                                                      allowed_allreduces),
-      "model.dense_grads": lambda: dense_grads(backend),
+      "model.dense_grads": lambda: dense_grads(backend, bf16),
       "model.attention": lambda: attention(backend),
       "model.conv": lambda: conv(backend, image_hw),
   }
@@ -81,6 +88,18 @@ def choices(config, backend: str, mesh_shape: dict, num_params: int,
     if config.get(section, {}).get(name) == "auto":
       out[key] = rule()
   return out
+
+
+def bf16_matmul_here(config) -> bool:
+  """Whether a bfloat16 run's dense layers would be faster on oneDNN here: a CPU
+  backend, AVX512-BF16 or AMX, and the oneDNN matmul built (genflax/models/onednn.py;
+  only tried for a config that computes in bfloat16 and leaves the choice to auto)."""
+  model = config.get("model", {})
+  if (jax.default_backend() != "cpu" or model.get("dtype") != "bfloat16"
+      or model.get("dense_grads") != "auto"):
+    return False
+  from genflax.models import onednn  # pylint: disable=g-import-not-at-top
+  return onednn.cpu_has_bf16_units() and onednn.unavailable() is None
 
 
 def resolve(config, values: dict) -> ml_collections.ConfigDict:

@@ -372,13 +372,14 @@ def resolve(config, task, info, mesh):
   backend, shape = jax.default_backend(), dict(mesh.shape)
   allowed = getattr(task, "GRAD_ALLREDUCES", optim.GRAD_ALLREDUCES)
   image_hw = tuple(info.image_shape[:2]) if getattr(info, "image_shape", None) else (0, 0)
-  values = platform.choices(config, backend, shape, 0, allowed, image_hw)
+  bf16_matmul = platform.bf16_matmul_here(config)
+  values = platform.choices(config, backend, shape, 0, allowed, image_hw, bf16_matmul)
   if values.get("train.grad_allreduce", "per_param") != "per_param":
     provisional = task.build(platform.resolve(config, {**values,
                                                        "train.grad_allreduce": "per_param"}), info)
     shapes = jax.eval_shape(lambda key: task.init(provisional, key), jax.random.PRNGKey(0))
     values = platform.choices(config, backend, shape, platform.count(shapes["params"]), allowed,
-                              image_hw)
+                              image_hw, bf16_matmul)
   return (platform.resolve(config, values) if values else config), values
 
 

@@ -58,6 +58,16 @@ def test_auto_values_of_the_lm_config_on_each_backend():
   for image_hw, impl in (((8, 8), "matmul"), ((28, 28), "forward"), ((28, 8), "matmul")):
     assert platform.choices(gan, "cpu", dict(data=1), NANO, ("per_param",),
                             image_hw)["model.conv"] == impl, image_hw
+  # bfloat16 on a CPU whose bfloat16 units oneDNN drives: the dense layers go there;
+  # float32, or a machine without them, or a GPU, as before.
+  bf16 = helpers.config("lm_shakespeare", "", **{"model.dtype": "bfloat16"})
+  assert platform.choices(bf16, "cpu", dict(data=2), NANO, bf16_matmul=True)[
+      "model.dense_grads"] == "onednn"
+  assert platform.choices(bf16, "cpu", dict(data=2), NANO)["model.dense_grads"] == "row_major"
+  assert platform.choices(config, "cpu", dict(data=2), NANO, bf16_matmul=True)[
+      "model.dense_grads"] == "row_major"
+  assert platform.choices(bf16, "gpu", dict(data=2), NANO, bf16_matmul=True)[
+      "model.dense_grads"] == "xla"
   resolved = platform.resolve(config, cpu)
   assert (resolved.train.grad_allreduce, resolved.model.attention) == ("reduce_scatter", "einsum")
   assert config.train.grad_allreduce == "auto"  # the config itself is left alone

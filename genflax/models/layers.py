@@ -11,6 +11,10 @@ transpose back into the dot), so every matmul of the layer takes the fast
 path. Same values as XLA's gradient up to float rounding; on GPUs and TPUs,
 whose matmuls take transposed operands for free, keep XLA's.
 
+`onednn_dot_general` runs the same layer's bfloat16 matmuls, forward and
+backward, on the CPU's bfloat16 units through oneDNN (genflax/models/onednn.py),
+which XLA:CPU leaves idle; other dtypes and shapes go as row_major's.
+
 Mixed precision: every family's modules take `dtype` (what the layers
 compute in, `config.model.dtype`) and `param_dtype` (what the parameters and
 so the optimizer state are stored in, `config.model.param_dtype`). With
@@ -24,8 +28,9 @@ import jax.numpy as jnp
 
 from genflax import platform
 from genflax.errors import ConfigError
+from genflax.models import onednn
 
-DENSE_GRADS = ("auto", "xla", "row_major")
+DENSE_GRADS = ("auto", "xla", "row_major", "onednn")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -36,18 +41,23 @@ def dtypes(model_cfg) -> tuple:
 
 
 def dense_grads(kind: str) -> str:
-  """"xla" or "row_major" for config.model.dense_grads, one of DENSE_GRADS
-  ("auto": row_major on CPU)."""
+  """"xla", "row_major" or "onednn" for config.model.dense_grads, one of DENSE_GRADS
+  ("auto": row_major on CPU). "onednn" where it cannot run here is a ConfigError
+  that says why."""
   if kind not in DENSE_GRADS:
     raise ConfigError(f"model.dense_grads={kind!r}: expected one of {DENSE_GRADS}")
   if kind == "auto":
     return platform.dense_grads(jax.default_backend())
+  if kind == "onednn" and (jax.default_backend() != "cpu" or onednn.unavailable()):
+    why = onednn.unavailable() if jax.default_backend() == "cpu" else "it runs on CPUs only"
+    raise ConfigError(f"model.dense_grads=onednn cannot run here: {why}; use row_major or xla")
   return kind
 
 
 def dense_dot_general(kind: str):
-  """The dot_general for nn.Dense whose gradients are computed as `kind` says."""
-  return row_major_dot_general if dense_grads(kind) == "row_major" else jax.lax.dot_general
+  """The dot_general for nn.Dense whose matmuls run as `kind` says."""
+  return {"row_major": row_major_dot_general, "onednn": onednn_dot_general}.get(
+      dense_grads(kind), jax.lax.dot_general)
 
 
 @jax.custom_vjp
@@ -82,6 +92,16 @@ def row_major_dot_general(lhs, rhs, dimension_numbers, precision=None,
       or preferred_element_type is not None):
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
   return row_major_matmul(lhs, rhs)
+
+
+def onednn_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                       preferred_element_type=None):
+  """row_major_dot_general, with nn.Dense's bfloat16 x [..., K] @ w [K, N] on oneDNN."""
+  dense = (((lhs.ndim - 1,), (0,)), ((), ()))
+  if (dimension_numbers == dense and rhs.ndim == 2 and precision is None
+      and preferred_element_type is None and lhs.dtype == rhs.dtype == jnp.bfloat16):
+    return onednn.matmul(lhs, rhs)
+  return row_major_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
 
 
 class BatchNorm(nn.Module):

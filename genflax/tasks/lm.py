@@ -146,6 +146,7 @@ def check(config) -> None:
   checks.one_of(config, "model.norm", transformer.NORMS)
   checks.one_of(config, "model.attention", ("auto", *transformer.ATTENTIONS))
   checks.one_of(config, "model.dense_grads", layers.DENSE_GRADS)
+  layers.dense_grads(config.model.dense_grads)  # onednn: whether it runs here
   checks.boolean(config, "model.tie_embeddings")
   checks.boolean(config, "model.scan_layers")
   checks.one_of(config, "model.remat", tuple(transformer.REMATS))

@@ -149,6 +149,7 @@ def check(config) -> None:
   checks.number(config, "model.beta", low=0)
   checks.boolean(config, "model.conditional")
   checks.one_of(config, "model.dense_grads", layers.DENSE_GRADS)
+  layers.dense_grads(config.model.dense_grads)  # onednn: whether it runs here
   checks.one_of(config, "model.conv", conv.CONVS)
   for key in ("iwae_k", "final_iwae_k", "iwae_chunk"):
     checks.integer(config, f"eval.{key}", 1)

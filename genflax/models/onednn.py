@@ -1,0 +1,128 @@
+"""bfloat16 matmuls on the CPU's bfloat16 units, through oneDNN.
+
+XLA:CPU runs a bfloat16 dot no faster than a float32 one: it does not use
+the AVX512-BF16 or AMX instructions that Intel and AMD server CPUs carry.
+oneDNN does, and PyTorch ships it: `matmul` here is an XLA FFI custom call
+(`jax.ffi`) whose handler (csrc/onednn_matmul.cc) runs PyTorch's `at::mm` on
+XLA's own buffers, bfloat16 in and out with float32 accumulation, as XLA's
+bfloat16 dot. Its gradient is two more such calls (dy w^T and x^T dy, the
+transposes read in place). `nn.Dense` layers take it through
+`model.dense_grads=onednn` (genflax/models/layers.py); `auto` picks it where
+it pays (genflax/platform.py).
+
+The handler is compiled on first use (g++, about 30 s) against the installed
+PyTorch and jaxlib, into `$GENFLAX_CACHE` (default ~/.cache/genflax), keyed
+by the source and both versions, under a file lock so that processes
+sharing the cache build it once. `unavailable()` says, in one line, why it
+cannot run here (no PyTorch: `pip install 'genflax[onednn]'`; no compiler;
+a failed build), and callers fall back to XLA's dot.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import filelock
+import jax
+import jax.numpy as jnp
+
+TARGET = "genflax_onednn_matmul"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_matmul.cc")
+
+
+def cpu_has_bf16_units() -> bool:
+  """Whether this CPU has AVX512-BF16 or AMX-BF16 (Linux's /proc/cpuinfo flags)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return False
+  return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cache_dir() -> str:
+  return os.path.join(os.environ.get("GENFLAX_CACHE") or os.path.expanduser("~/.cache/genflax"),
+                      "onednn")
+
+
+@functools.cache
+def unavailable() -> str | None:
+  """None once the handler is built, loaded and registered with XLA:CPU; else why
+  not, in one line."""
+  try:
+    import torch  # noqa: F401 -- loads libtorch_cpu, which the handler links
+  except ImportError:
+    return "PyTorch is not installed: pip install 'genflax[onednn]'"
+  try:
+    path = _build(torch)
+    lib = ctypes.CDLL(path)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GenflaxOnednnMatmul),
+                                platform="cpu")
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+  return None
+
+
+def _build(torch) -> str:
+  """The handler's shared library, compiled once per source, PyTorch and jaxlib."""
+  with open(SOURCE, "rb") as f:
+    source = f.read()
+  key = hashlib.sha256(source + f"{torch.__version__} {jax.__version__}".encode()).hexdigest()
+  folder = os.path.join(cache_dir(), key[:16])
+  path = os.path.join(folder, "libgenflax_onednn.so")
+  if os.path.exists(path):
+    return path
+  compiler = shutil.which(os.environ.get("CXX", "g++"))
+  if compiler is None:
+    raise RuntimeError("no C++ compiler (g++, or $CXX) to build the oneDNN matmul")
+  os.makedirs(folder, exist_ok=True)
+  with filelock.FileLock(os.path.join(folder, ".lock")):
+    if os.path.exists(path):  # another process built it meanwhile
+      return path
+    torch_dir = os.path.dirname(torch.__file__)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", SOURCE, "-o", tmp,
+               f"-I{jax.ffi.include_dir()}", f"-I{torch_dir}/include",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               f"-L{torch_dir}/lib", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir}/lib"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+      os.remove(tmp)
+      last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+      raise RuntimeError(f"building the oneDNN matmul failed ({compiler}): {last}")
+    os.replace(tmp, path)  # whole or absent, whoever reads it
+  return path
+
+
+def _call(a, b, m: int, n: int, transpose_a: bool = False, transpose_b: bool = False):
+  """[m, n] = op(a) @ op(b) in bfloat16, through the handler."""
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.bfloat16))(
+      a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+@jax.custom_vjp
+def matmul(x, w):
+  """x [..., K] @ w [K, N] -> [..., N], all bfloat16, on oneDNN (unavailable() is None)."""
+  rows = x.size // x.shape[-1]
+  return _call(x, w, rows, w.shape[1]).reshape(*x.shape[:-1], w.shape[1])
+
+
+def _fwd(x, w):
+  return matmul(x, w), (x, w)
+
+
+def _bwd(residuals, dy):
+  x, w = residuals
+  k, n = w.shape
+  rows = x.size // k
+  dy = dy.astype(jnp.bfloat16)
+  dx = _call(dy, w, rows, k, transpose_b=True).reshape(x.shape)          # dy w^T
+  dw = _call(x.reshape(rows, k), dy.reshape(rows, n), k, n, transpose_a=True)  # x^T dy
+  return dx, dw
+
+
+matmul.defvjp(_fwd, _bwd)

@@ -1,0 +1,73 @@
+"""bfloat16 matmuls through oneDNN (genflax/models/onednn.py): the same values and
+gradients as XLA's bfloat16 dot, the same training, and a clear refusal where it
+cannot run."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from genflax import data
+from genflax.models import onednn
+from genflax.tasks import vae
+from tests import helpers
+
+
+
+@pytest.fixture(autouse=True)
+def _built():
+  """Built on first use (about 30 s, once per machine); skipped where it cannot be."""
+  if onednn.unavailable() is not None:
+    pytest.skip(f"oneDNN matmul unavailable: {onednn.unavailable()}")
+
+
+@pytest.mark.parametrize("x_shape", [(64, 48), (3, 5, 48)])
+def test_values_and_gradients_are_xlas_bfloat16_dots(x_shape):
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.PRNGKey(1), (48, 40)).astype(jnp.bfloat16)
+  c = jax.random.normal(jax.random.PRNGKey(2), (*x_shape[:-1], 40)).astype(jnp.bfloat16)
+  loss = lambda mm: lambda x, w: jnp.sum((mm(x, w) * c).astype(jnp.float32))  # dy = c
+  ours, xla = (jax.jit(jax.grad(loss(mm), (0, 1))) for mm in (onednn.matmul, jnp.matmul))
+  got, want = (np.asarray(mm(x, w), np.float32) for mm in (jax.jit(onednn.matmul), jnp.matmul))
+  assert onednn.matmul(x, w).dtype == jnp.bfloat16 and got.shape == (*x_shape[:-1], 40)
+  # Both accumulate in float32 and round to bfloat16: at most a bfloat16 step apart.
+  assert (np.abs(got - want) <= 2**-7 * np.abs(want) + 1e-6).all()
+  for got, want in zip(ours(x, w), xla(x, w)):
+    assert got.dtype == want.dtype == jnp.bfloat16 and got.shape == want.shape
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert (np.abs(got - want) <= 2**-7 * np.abs(want) + 1e-6).all()
+
+
+@pytest.mark.slow
+def test_a_bfloat16_vae_trains_the_same_on_onednn_as_on_xla(tmp_path):
+  losses = {}
+  for kind in ("row_major", "onednn"):
+    config = helpers.config("vae_digits", "smoke", **{
+        "mesh.data": 1, "model.dtype": "bfloat16", "model.dense_grads": kind})
+    setup = vae.build(config, data.load("digits")[2])
+    state = helpers.init(vae, setup, jax.random.PRNGKey(0))
+    train = data.load("digits")[0]
+    step = jax.jit(lambda s, b, r: vae.train_step(setup, s, b, r))
+    hlo = step.lower(state, data.Batches(train, 64, 0).get(0), jax.random.PRNGKey(0)).as_text()
+    assert (onednn.TARGET in hlo) == (kind == "onednn")
+    batches, curve = data.Batches(train, 64, 0), []
+    for i in range(60):
+      state, m = step(state, batches.get(i), jax.random.PRNGKey(i))
+      curve.append(float(m["loss"]))
+    losses[kind] = np.array(curve)
+  np.testing.assert_allclose(losses["onednn"], losses["row_major"], rtol=2e-2)
+  assert losses["onednn"][-20:].mean() < losses["onednn"][:20].mean()  # it learns
+
+
+def test_where_it_cannot_be_built_the_run_says_why_before_its_first_step(tmp_path):
+  env = {**os.environ, "CXX": "/nonexistent/g++", "GENFLAX_CACHE": str(tmp_path / "cache")}
+  result = helpers.cli("--config=configs/vae_digits.py:smoke", f"--workdir={tmp_path / 'w'}",
+                       "--config.model.dtype=bfloat16", "--config.model.dense_grads=onednn",
+                       env=env, fork=False)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: model.dense_grads=onednn cannot run here: no C++ compiler (g++, or $CXX) to build "
+      "the oneDNN matmul; use row_major or xla")
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "w").exists()  # refused with the config, before any work
