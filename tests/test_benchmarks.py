@@ -240,3 +240,16 @@ def test_torch_reference_builds_genflax_networks_and_times_their_step(name, arg)
     theirs = torch_reference.discretized_gaussian_log_prob(
         *map(torch.from_numpy, (x, mean, log_scale)), 256)
     np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_the_matmul_benchmark_tables_every_kind_that_runs_here(capsys, monkeypatch):
+  from benchmarks import matmul  # pylint: disable=g-import-not-at-top
+  from genflax.models import onednn  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr("sys.argv", ["matmul", "--sizes", "128", "--rounds", "2"])
+  matmul.main()
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+  kinds = [row.split(" | ")[0][2:] for row in rows[1:]]
+  assert kinds == ["XLA float32", "XLA bfloat16"] + (["oneDNN bfloat16"] if onednn.unavailable()
+                                                     is None else [])
+  assert rows[1].endswith("| 1.00 |")  # float32 against itself
+  assert all(float(row.split(" | ")[1]) > 0 for row in rows[1:])
