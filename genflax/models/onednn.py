@@ -99,7 +99,10 @@ def _build(torch) -> str:
 
 
 def _call(a, b, m: int, n: int, transpose_a: bool = False, transpose_b: bool = False):
-  """[m, n] = op(a) @ op(b) in bfloat16, through the handler."""
+  """[m, n] = op(a) @ op(b) in bfloat16, through the handler (registered on first use)."""
+  why = unavailable()
+  if why is not None:
+    raise RuntimeError(f"the oneDNN matmul cannot run here: {why}")
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.bfloat16))(
       a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 

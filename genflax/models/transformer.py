@@ -23,13 +23,14 @@ XLA:CPU then reads it in the decode loop without copying it (see
 `cached_attention`).
 """
 import dataclasses
+import math
 import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from genflax.models import layers
+from genflax.models import layers, onednn
 
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
@@ -144,6 +145,20 @@ def rotary(x, positions):
   return out.reshape(x.shape)
 
 
+def project(spec: str, x, w, dense_grads: str = "xla"):
+  """jnp.einsum(spec, x, w) for the attention's projections, which contract x's
+  trailing axes with w's leading ones ("btd,dhk->bthk", "bthk,hkd->btd"); with
+  dense_grads="onednn" and both in bfloat16, one oneDNN matmul of the flattened
+  axes instead (genflax/models/onednn.py), as the dense layers'."""
+  if not (dense_grads == "onednn" and x.dtype == w.dtype == jnp.bfloat16):
+    return jnp.einsum(spec, x, w)
+  (xs, ws), out = spec.split("->")[0].split(","), spec.split("->")[1]
+  n = sum(c in ws and c not in out for c in xs)  # contracted axes
+  lead, inner = x.shape[:x.ndim - n], math.prod(w.shape[:n])
+  y = onednn.matmul(x.reshape(*lead, inner), w.reshape(inner, -1))
+  return y.reshape(*lead, *w.shape[n:])
+
+
 class Attention(nn.Module):
   num_heads: int
   rotary: bool
@@ -151,6 +166,7 @@ class Attention(nn.Module):
   impl: str = "einsum"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  dense_grads: str = "xla"  # "onednn": the projections as the dense layers (`project`)
 
   @nn.compact
   def __call__(self, x, positions, cache, index, train):
@@ -161,7 +177,7 @@ class Attention(nn.Module):
     w = [self.param(name, init, (d, h, d // h), self.param_dtype).astype(self.dtype)
          for name in ("query", "key", "value")]
     x = x.astype(self.dtype)
-    q, k, v = (jnp.einsum("btd,dhk->bthk", x, wi) for wi in w)  # [B, T, H, K]
+    q, k, v = (project("btd,dhk->bthk", x, wi, self.dense_grads) for wi in w)  # [B, T, H, K]
     if self.rotary:
       q, k = rotary(q, positions), rotary(k, positions)
     names = ("batch", "length", "heads", "kv")
@@ -185,7 +201,7 @@ class Attention(nn.Module):
     w_out = self.param("out", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("heads", "kv", "embed")), (h, d // h, d),
         self.param_dtype).astype(self.dtype)
-    out = jnp.einsum("bthk,hkd->btd", out, w_out)  # [B, T, D]
+    out = project("bthk,hkd->btd", out, w_out, self.dense_grads)  # [B, T, D]
     return nn.Dropout(self.dropout, deterministic=not train)(out), cache
 
 
@@ -207,7 +223,7 @@ class Block(nn.Module):
     d = x.shape[-1]
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h, cache = Attention(self.num_heads, self.rotary, self.dropout, self.attention, **dtypes,
-                         name="attn")(norm(self.norm, "norm1", **dtypes)(x), positions, cache,
+                         dense_grads=self.dense_grads, name="attn")(norm(self.norm, "norm1", **dtypes)(x), positions, cache,
                                       index, train)
     x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
     mlp_in = dense(4 * d, ("embed", "mlp"), "mlp_in", grads=self.dense_grads, **dtypes)
