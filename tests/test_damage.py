@@ -7,6 +7,7 @@ damaged, and the same command run again on it. The files genflax rebuilds (a
 prepared dataset, the feature network, a tokenizer): each damaged in a copy
 and read again, which must say so and give back what the undamaged copy gave.
 """
+import ast
 import hashlib
 import json
 import os
@@ -293,7 +294,6 @@ def _unwrapped_writes() -> dict:
   writes a file by name: open() for writing, or np.save*/savefig/json.dump/
   Image.save/Path.write_* given anything but the file object a
   write_atomically callback receives (`f`)."""
-  import ast  # pylint: disable=import-outside-toplevel
   found = {}
   for top in ("genflax", "benchmarks"):
     for folder, _, names in os.walk(os.path.join(helpers.ROOT, top)):
