@@ -220,7 +220,6 @@ def _train_loop(loop: _Loop, stop, profile, on_eval) -> bool:
       pruned = _steps(loop, stop, profile, on_eval)
     finally:
       profile(loop.step, loop.state, last=True)
-      stop.close()
     check_finite(loop.pending)
     if loop.saved_step != loop.step:
       _save(loop)
@@ -229,7 +228,10 @@ def _train_loop(loop: _Loop, stop, profile, on_eval) -> bool:
     raise NonFiniteLoss(f"{e} {checkpoints.newest(loop.mngr.directory)}. Lower the learning rate "
                         "(optim*.lr) or lengthen its warmup, then rerun.") from None
   finally:
-    checkpoints.wait(loop.mngr)  # every way out commits the saves in flight
+    try:
+      checkpoints.wait(loop.mngr)  # every way out commits the saves in flight
+    finally:
+      stop.close()  # a SIGTERM until here stops nothing twice: the save runs to its end
   return pruned
 
 
@@ -575,8 +577,11 @@ class StopRequest:
     if self.signal is None:
       self._received_at = self.step
     self.signal = signal.Signals(signum)
-    # A second Ctrl-C kills at once, as usual.
-    signal.signal(signum, signal.SIG_DFL)
+    # A second Ctrl-C kills at once, as usual. A second SIGTERM does not: a
+    # dying parent can send several (Linux sends PR_SET_PDEATHSIG's signal as
+    # each of its threads exits), and a scheduler follows with SIGKILL anyway.
+    if signum == signal.SIGINT:
+      signal.signal(signum, signal.SIG_DFL)
 
 
 def agree(decision: bool) -> bool:

@@ -104,9 +104,12 @@ def test_interrupted_runs_resume_bitwise(tmp_path):
   broken = str(tmp_path / "broken")
   args = ["--config=configs/vae_digits.py:smoke", f"--workdir={broken}"] + [
       f"--config.{k}={v}" for k, v in overrides.items()]
-  # SIGTERM: a clean stop with a checkpoint at the step it stopped.
+  # SIGTERM: a clean stop with a checkpoint at the step it stopped. A second
+  # SIGTERM (a dying parent sends one per thread) does not cut that save short.
   proc = helpers.popen(*args)
   _read_until(proc, "step 11/40")
+  proc.send_signal(signal.SIGTERM)
+  _read_until(proc, "SIGTERM received")
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=120)[0]
   assert proc.returncode == 0, out

@@ -150,7 +150,9 @@ class Stop:
     self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del frame
+    del frame, signum
+    if self.requested:  # the trial has its SIGTERM already (a dying parent sends several)
+      return
     self.requested = True
     if self.child is not None and self.child.poll() is None:
       self.child.send_signal(signal.SIGTERM)
