@@ -35,6 +35,7 @@ restored or created), `_train_loop` (`_steps`: each `_step`, logged by
 `_evaluator` compiles; the saves waited for on every way out) and `_end`
 (pruned, stopped, or the final evaluation and results.json).
 """
+import collections
 import dataclasses
 import importlib
 import json
@@ -243,7 +244,7 @@ def _steps(loop: _Loop, stop, profile, on_eval) -> bool:
   first_step = loop.step + 1
   while loop.step < train.num_steps and not stop.agreed(loop.step):
     profile(loop.step, loop.state)
-    _step(loop)
+    _step(loop, stop)
     if loop.step == first_step:  # Time the compilation apart from the steps/s.
       jax.block_until_ready(loop.state)
       loop.log(f"step {loop.step}: train step compiled and ran in "
@@ -263,11 +264,16 @@ def _steps(loop: _Loop, stop, profile, on_eval) -> bool:
   return False
 
 
-def _step(loop: _Loop) -> None:
-  """Queues one train step; its metrics join loop.pending."""
+def _step(loop: _Loop, stop) -> None:
+  """Queues one train step; its metrics join loop.pending (its signals go to `stop`)."""
   inputs = loop.run.feed.inputs(loop.step)
+  signals = stop.signals()
   with jax.transfer_guard("disallow"):  # an implicit host<->device copy is a bug
-    loop.state, step_metrics = loop.run.train_step(loop.state, inputs)
+    if signals is None:
+      loop.state, step_metrics = loop.run.train_step(loop.state, inputs)
+    else:
+      loop.state, step_metrics = loop.run.signalled_step(loop.state, inputs, signals)
+      stop.sent(step_metrics.pop(SIGNALS))
   # At most two steps in flight: the host waits for the previous step before
   # it queues another. A deeper queue gains nothing once the devices are
   # busy, and with several CPU devices in one process it can starve XLA's
@@ -341,7 +347,8 @@ class Run:
   abstract: object         # its shapes, dtypes and shardings (what Orbax restores into)
   state_sh: object         # its shardings
   train_step: Callable     # (state, feed.inputs(step)) -> (state, metrics), jitted
-  traces: list             # traces[0]: how often train_step was compiled
+  signalled_step: Callable  # the same with StopRequest's signals (several processes)
+  traces: list             # traces[0]: how often either was compiled
   auto: dict               # what the config's `auto` values became here (platform.choices)
 
 
@@ -360,9 +367,9 @@ def build(config, workdir: str, task=None, mesh=None) -> Run:
   setup = task.build(config, info)
   feed = data.Feed(batches, sharding.batch_sharding(mesh), config.data.on_device_mb)
   init, abstract, state_sh = state_layout(task, setup, mesh)
-  train_step, traces = make_train_step(task, setup, state_sh, feed)
-  return Run(task, setup, info, feed, test_data, init, abstract, state_sh, train_step, traces,
-             auto)
+  train_step, signalled_step, traces = make_train_step(task, setup, state_sh, feed)
+  return Run(task, setup, info, feed, test_data, init, abstract, state_sh, train_step,
+             signalled_step, traces, auto)
 
 
 def resolve(config, task, info, mesh):
@@ -423,20 +430,40 @@ def make_train_step(task, setup, state_sh, feed: data.Feed):
 
   train_step(state, feed.inputs(step)) -> (state, metrics): the batch comes
   from the feed (sent by the host, or gathered on the devices).
-  Returns (train_step, traces); traces[0] counts how often it was compiled.
+  signalled_step(state, inputs, signals) is the same step carrying
+  StopRequest's signals (one row per device): its metrics hold their sum over
+  the devices as SIGNALS, which the compiler adds to the step's own
+  all-reduce of gradients and metrics, so several processes learn of a
+  preemption with no collective of its own (tested).
+  Returns (train_step, signalled_step, traces); traces[0] counts how often
+  either was compiled.
   """
   traces = [0]
 
-  def step_fn(state, inputs):
+  def step_fn(state, inputs, signals=None):
     traces[0] += 1  # Python runs this only while tracing: counts compilations.
     batch = feed.batch(inputs, state["step"])
     rng = jax.random.fold_in(state["rng"], state["step"])
     task_state, step_metrics = task.train_step(setup, state["task"], batch, rng)
+    if signals is not None:
+      step_metrics = {**step_metrics, SIGNALS: jnp.sum(signals, axis=0)}
     return {"step": state["step"] + 1, "rng": state["rng"], "task": task_state}, step_metrics
 
-  repl = sharding.replicated(feed.batch_sharding.mesh)
-  return jax.jit(step_fn, in_shardings=(state_sh, feed.shardings),
-                 out_shardings=(state_sh, repl), donate_argnums=0), traces
+  mesh = feed.batch_sharding.mesh
+  out_shardings = (state_sh, sharding.replicated(mesh))
+  plain = jax.jit(step_fn, in_shardings=(state_sh, feed.shardings),
+                  out_shardings=out_shardings, donate_argnums=0)
+  signalled = jax.jit(step_fn, in_shardings=(state_sh, feed.shardings, signals_sharding(mesh)),
+                      out_shardings=out_shardings, donate_argnums=0)
+  return plain, signalled, traces
+
+
+SIGNALS = "signals"  # the signalled step's metric: the signal each process received (0: none)
+
+
+def signals_sharding(mesh) -> NamedSharding:
+  """StopRequest's signals: [devices, processes], a row on each device."""
+  return NamedSharding(mesh, P(mesh.axis_names))
 
 
 def state_layout(task, setup, mesh, split_optimizer: bool = True):
@@ -474,7 +501,7 @@ def load_run(workdir: str):
   config, auto = resolve(config, task, info, mesh)
   setup = task.build(config, info)
   init, abstract, state_sh = state_layout(task, setup, mesh)
-  run = Run(task, setup, info, None, {}, init, abstract, state_sh, None, [0], auto)
+  run = Run(task, setup, info, None, {}, init, abstract, state_sh, None, None, [0], auto)
   mngr = checkpoints.manager(workdir, read_only=True)
   restored = restore(mngr, run, mesh)
   if restored is None:
@@ -520,12 +547,13 @@ class StopRequest:
 
   One process stops at the next step. Several processes must stop at the
   same step (saving a checkpoint is collective), and a preemption may reach
-  only some of them: before every step each process queues a small compiled
-  program that gathers every device's received signal (0 for none; each
-  process's own, placed once per value), and reads the previous step's
-  gather, which has finished by then. Every process reads the same values at
-  the same step, so all stop together, one or two steps after the signal
-  reached any of them, with no host round trip of their own.
+  only some of them: each step carries every process's received signal (0
+  for none) as an input, summed over the devices inside the step's own
+  all-reduce (make_train_step), and each process reads the sums of the step
+  before the last, which has finished by then. Every process reads the same
+  values at the same step, so all stop together, two or three steps after
+  the signal reached any of them, with no collective or host round trip of
+  their own.
   """
 
   def __init__(self, mesh=None):
@@ -534,15 +562,32 @@ class StopRequest:
     self.step = 0        # the step agreed() last saw
     self._received_at = None  # the step at which the signal came, until said
     self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-    self._exchange = None
-    if jax.process_count() > 1:
-      # By process, so that row p of the gathered values is process p's.
-      devices = sorted(np.asarray(mesh.devices).flat, key=lambda d: (d.process_index, d.id))
-      flat = jax.sharding.Mesh(np.asarray(devices), ("all",))
-      self._sharding = NamedSharding(flat, P("all"))  # one value per device
-      self._exchange = jax.jit(lambda f: f, out_shardings=NamedSharding(flat, P()))
-      self._local = {}   # signal number -> its global array, made once
-      self._pending = None
+    self._several = jax.process_count() > 1
+    if self._several:
+      self._sharding = signals_sharding(mesh)
+      self._local = {}    # signal number -> the step's input array, made once
+      self._sent = collections.deque(maxlen=2)  # the signals of the last two steps queued
+
+  def signals(self):
+    """The next step's input: this process's signal in its column, on its first
+    device's row (zeros elsewhere); None on one process, which needs none."""
+    if not self._several:
+      return None
+    value = int(self.signal or 0)
+    if value not in self._local:
+      shape = (len(self._sharding.mesh.devices.flat), jax.process_count())
+      first = min(self._sharding.addressable_devices, key=lambda d: d.id)
+      shards = []
+      for device in sorted(self._sharding.addressable_devices, key=lambda d: d.id):
+        row = np.zeros((1, shape[1]), np.float32)
+        row[0, jax.process_index()] = value if device == first else 0
+        shards.append(jax.device_put(row, device))
+      self._local[value] = jax.make_array_from_single_device_arrays(shape, self._sharding, shards)
+    return self._local[value]
+
+  def sent(self, signals) -> None:
+    """The signals a queued step returns (a process's signal, summed over the devices)."""
+    self._sent.append(signals)
 
   def agreed(self, step: int) -> bool:
     """Whether to stop now (call it before every step, on every process)."""
@@ -551,21 +596,18 @@ class StopRequest:
       print(f"{self.signal.name} received by process {jax.process_index()} at step "
             f"{self._received_at}", flush=True)
       self._received_at = None
-    if self._exchange is None:
+    if not self._several:
       self.reason = self.signal and self.signal.name
       return self.reason is not None
-    if self._pending is not None:
-      received = np.asarray(self._pending).reshape(jax.process_count(), -1)[:, 0]
-      senders = np.flatnonzero(received)
-      if len(senders):
-        first = int(senders[0])
-        self.reason = f"{signal.Signals(int(received[first])).name} (process {first})"
-        return True
-    value = int(self.signal or 0)
-    if value not in self._local:
-      local = np.full(jax.local_device_count(), value, np.int32)
-      self._local[value] = jax.make_array_from_process_local_data(self._sharding, local)
-    self._pending = self._exchange(self._local[value])
+    if len(self._sent) < 2:
+      return False
+    # The older of the two: the loop waited for it before queuing the newer.
+    received = np.asarray(self._sent[0]).astype(np.int64)
+    senders = np.flatnonzero(received)
+    if len(senders):
+      first = int(senders[0])
+      self.reason = f"{signal.Signals(int(received[first])).name} (process {first})"
+      return True
     return False
 
   def close(self):
