@@ -120,7 +120,7 @@ def check(config) -> None:
 def build(config, info) -> Setup:
   m = config.model
   h, w, _ = info.image_shape
-  patch = m.get("patch", 1)
+  patch = m.get("patch", 1)  # runs saved before model.patch have none
   down = patch * 2 ** (len(m.channels) - 1)
   if h % down or w % down:
     raise ConfigError(f"model.channels={tuple(m.channels)} with model.patch={patch}: "
@@ -334,7 +334,7 @@ def net_macs(setup: Setup) -> int:
   """Multiply-adds of one U-Net pass on one image (convs and dense layers; attention's
   score matmuls included, norms and activations not)."""
   m, (h, w, c) = setup.config.model, setup.info.image_shape
-  p = m.get("patch", 1)
+  p = setup.net.patch
   h, w, c = h // p, w // p, c * p * p  # the levels run on p x p patches
   conv3 = lambda hw, cin, cout: hw * 9 * cin * cout
   width = 4 * m.channels[0]
