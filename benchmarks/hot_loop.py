@@ -113,7 +113,7 @@ def decode_speed(setup, params, num_new: int = 256, batch: int = 1, rounds: int 
     def step(buf, i):  # i + 1 tokens are known; the window is the last T of them
       start = jnp.maximum(i + 1 - t, 0)
       window = jax.lax.dynamic_slice_in_dim(buf, start, t, axis=1)  # [B, T]
-      logits, _ = setup.model.apply({"params": params}, window)
+      logits, _ = setup.decoder.apply({"params": params}, window)  # as the cached decode computes
       last = jnp.minimum(i, t - 1)                                  # where token i sits
       tok = jnp.argmax(logits[:, last], -1).astype(buf.dtype)
       return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, i + 1)), None

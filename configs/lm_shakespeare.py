@@ -48,6 +48,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       dense_grads="auto",          # auto | xla | row_major | onednn (auto: row_major on CPU; genflax/models/layers.py)
       dtype="float32",             # compute: float32 | bfloat16 (params, losses, softmax stay float32)
       param_dtype="float32",       # parameters and optimizer state
+      # The KV-cache decode's compute: auto | float32 | bfloat16. auto: float32 on CPU
+      # (XLA:CPU has no bfloat16 one-row matmul), dtype elsewhere (genflax/platform.py).
+      decode_dtype="auto",
       scan_layers=False,           # one block scanned over depth (compile time flat in depth)
       remat="none",                # none | dots | full: recompute block activations in backward
   ))

@@ -51,6 +51,15 @@ def dense_grads(backend: str, bf16_matmul: bool = False) -> str:
   return "onednn" if bf16_matmul else "row_major"
 
 
+def decode_dtype(backend: str, dtype: str) -> str:
+  """model.decode_dtype=auto: what the LM's KV-cache decode computes in. On CPU
+  float32 whatever the training's dtype: XLA:CPU has no bfloat16 kernel for the
+  decode's one-row matmuls and converts the weights to float32 at every token
+  (a bfloat16 nano LM decoded several times slower than in float32,
+  benchmarks/README.md); elsewhere the model's own dtype."""
+  return "float32" if backend == "cpu" else dtype
+
+
 def attention(backend: str) -> str:
   """model.attention=auto (genflax/models/transformer.py)."""
   return "einsum" if backend == "cpu" else "dot_product_attention"
@@ -80,6 +89,7 @@ def choices(config, backend: str, mesh_shape: dict, num_params: int,
                                                      allowed_allreduces),
       "model.dense_grads": lambda: dense_grads(backend, bf16),
       "model.attention": lambda: attention(backend),
+      "model.decode_dtype": lambda: decode_dtype(backend, config.model.get("dtype", "float32")),
       "model.conv": lambda: conv(backend, image_hw),
   }
   out = {}

@@ -44,11 +44,11 @@ def test_auto_values_of_the_lm_config_on_each_backend():
   config = helpers.config("lm_shakespeare", "")
   cpu = platform.choices(config, "cpu", dict(data=2), NANO)
   assert cpu == {"train.grad_allreduce": "reduce_scatter", "model.dense_grads": "row_major",
-                 "model.attention": "einsum"}
+                 "model.attention": "einsum", "model.decode_dtype": "float32"}
   for backend in ("gpu", "tpu"):
     assert platform.choices(config, backend, dict(data=8), NANO) == {
         "train.grad_allreduce": "per_param", "model.dense_grads": "xla",
-        "model.attention": "dot_product_attention"}
+        "model.attention": "dot_product_attention", "model.decode_dtype": "float32"}
   explicit = helpers.config("lm_shakespeare", "", **{"model.attention": "einsum"})
   assert "model.attention" not in platform.choices(explicit, "gpu", dict(data=8), NANO)
   gan = helpers.config("gan_digits", "", **{"train.grad_allreduce": "auto"})
@@ -68,6 +68,10 @@ def test_auto_values_of_the_lm_config_on_each_backend():
       "model.dense_grads"] == "row_major"
   assert platform.choices(bf16, "gpu", dict(data=2), NANO, bf16_matmul=True)[
       "model.dense_grads"] == "xla"
+  # A bfloat16 model decodes in float32 on CPU (no bfloat16 one-row matmul there),
+  # in bfloat16 on accelerators.
+  assert platform.choices(bf16, "cpu", dict(data=2), NANO)["model.decode_dtype"] == "float32"
+  assert platform.choices(bf16, "gpu", dict(data=2), NANO)["model.decode_dtype"] == "bfloat16"
   resolved = platform.resolve(config, cpu)
   assert (resolved.train.grad_allreduce, resolved.model.attention) == ("reduce_scatter", "einsum")
   assert config.train.grad_allreduce == "auto"  # the config itself is left alone

@@ -1,6 +1,8 @@
 """Mixed precision (model.dtype=bfloat16) in every family: the layers compute
 in bfloat16, the parameters and optimizer state stay float32, and a short run
 trains to within a stated tolerance of the float32 run."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,9 +65,11 @@ def test_bfloat16_compute_trains_like_float32_with_float32_parameters(
 
 
 def test_bfloat16_kv_cache_sampling_matches_recomputation():
-  """In bfloat16 the KV cache is bfloat16 and cached greedy decoding gives the
-  tokens of recomputing the whole sequence at each step (in bfloat16 too)."""
-  config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 1, "model.dtype": "bfloat16"})
+  """Decoding in bfloat16 (model.decode_dtype=bfloat16) the KV cache is bfloat16
+  and cached greedy decoding gives the tokens of recomputing the whole
+  sequence at each step (in bfloat16 too)."""
+  config = helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 1, "model.dtype": "bfloat16",
+                                                        "model.decode_dtype": "bfloat16"})
   tok = tokenizers.CharTokenizer.train("abcdefghijklmnopqrstuvwxyz \n")
   info = lm.TextInfo("shakespeare", tok, 16, 0, 0, 0, 0, "char", 1.0)
   setup = lm.build(config, info)
@@ -84,3 +88,24 @@ def test_bfloat16_kv_cache_sampling_matches_recomputation():
     assert logits.dtype == jnp.float32
     tokens = tokens.at[:, i].set(jnp.argmax(logits[:, i - 1], -1).astype(tokens.dtype))
   np.testing.assert_array_equal(got, tokens)
+
+
+def test_a_bfloat16_model_decodes_in_float32_on_cpu_by_default():
+  """model.decode_dtype=auto on CPU: a model trained in bfloat16 decodes as the
+  same network in float32 does, token for token, and its program holds no
+  bfloat16 matmul (XLA:CPU's bfloat16 one-row matmuls were several times slower)."""
+  build = lambda **o: lm.build(helpers.config("lm_shakespeare", "smoke", **{"mesh.data": 1, **o}),
+                               info)
+  tok = tokenizers.CharTokenizer.train("abcdefghijklmnopqrstuvwxyz \n")
+  info = lm.TextInfo("shakespeare", tok, 16, 0, 0, 0, 0, "char", 1.0)
+  bf16, f32 = build(**{"model.dtype": "bfloat16"}), build(**{"model.dtype": "float32"})
+  assert bf16.model.dtype == jnp.bfloat16 and bf16.decoder.dtype == jnp.float32
+  assert build(**{"model.dtype": "bfloat16", "model.decode_dtype": "bfloat16"}
+               ).decoder.dtype == jnp.bfloat16
+  params = nn.unbox(helpers.init(lm, bf16, jax.random.PRNGKey(0)))["params"]
+  prompts = jnp.asarray(lm.encode_prompts(bf16, ["abc"])[0])
+  args = (prompts, 24, jax.random.PRNGKey(3), 1.0, 5, 0.9)  # past the 16-token context: a refill
+  np.testing.assert_array_equal(lm.generate_tokens(bf16, params, *args),
+                                lm.generate_tokens(f32, params, *args))
+  hlo = lm.generate_tokens.lower(bf16, params, *args).as_text()
+  assert not re.search(r"dot_general.*bf16", hlo)

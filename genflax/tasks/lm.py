@@ -121,6 +121,7 @@ class Setup:
   config: object
   info: TextInfo
   model: Transformer
+  decoder: Transformer       # the same network in model.decode_dtype: what generate_tokens runs
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   mesh: jax.sharding.Mesh
@@ -146,6 +147,8 @@ def check(config) -> None:
   checks.one_of(config, "model.norm", transformer.NORMS)
   checks.one_of(config, "model.attention", ("auto", *transformer.ATTENTIONS))
   checks.one_of(config, "model.dense_grads", layers.DENSE_GRADS)
+  if "decode_dtype" in config.model:
+    checks.one_of(config, "model.decode_dtype", ("auto", *layers.DTYPES))
   layers.dense_grads(config.model.dense_grads)  # onednn: whether it runs here
   checks.boolean(config, "model.tie_embeddings")
   checks.boolean(config, "model.scan_layers")
@@ -172,8 +175,12 @@ def build(config, info: TextInfo) -> Setup:
   model = Transformer(info.tokenizer.vocab_size, variant(config), m.positions, m.norm,
                       m.tie_embeddings, m.dropout, attention, layers.dense_grads(m.dense_grads),
                       *layers.dtypes(m), m.get("scan_layers", False), m.get("remat", "none"))
+  decode = m.get("decode_dtype", m.get("dtype", "float32"))  # runs saved before it: dtype
+  if decode == "auto":
+    decode = platform.decode_dtype(jax.default_backend(), m.get("dtype", "float32"))
+  decoder = model if jnp.dtype(decode) == model.dtype else model.clone(dtype=jnp.dtype(decode))
   steps = config.train.num_steps
-  return Setup(config, info, model, optim.build(config.optim, steps, decay_mask),
+  return Setup(config, info, model, decoder, optim.build(config.optim, steps, decay_mask),
                optim.schedule(config.optim, steps), sharding.make_mesh(config.mesh))
 
 
@@ -313,8 +320,9 @@ def sample_token(rng, logits, temperature: float, top_k: int, top_p: float):
 @functools.partial(jax.jit, static_argnums=(0, 3, 5, 6, 7))
 def generate_tokens(setup: Setup, params, prompts, num_new: int, rng,
                     temperature: float, top_k: int, top_p: float):
-  """prompts int [B, P] (P <= T) -> [B, P + N]: the prompts and N sampled tokens."""
-  model, s = setup.model, setup.info.context
+  """prompts int [B, P] (P <= T) -> [B, P + N]: the prompts and N sampled tokens,
+  computed in model.decode_dtype (setup.decoder)."""
+  model, s = setup.decoder, setup.info.context
   b, p = prompts.shape
   keep = s // 2
   new_cache = lambda: transformer.init_cache(model.variant, b, model.dtype, model.scan_layers)
