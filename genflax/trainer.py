@@ -575,14 +575,12 @@ class StopRequest:
       return None
     value = int(self.signal or 0)
     if value not in self._local:
-      shape = (len(self._sharding.mesh.devices.flat), jax.process_count())
-      first = min(self._sharding.addressable_devices, key=lambda d: d.id)
-      shards = []
-      for device in sorted(self._sharding.addressable_devices, key=lambda d: d.id):
-        row = np.zeros((1, shape[1]), np.float32)
-        row[0, jax.process_index()] = value if device == first else 0
-        shards.append(jax.device_put(row, device))
-      self._local[value] = jax.make_array_from_single_device_arrays(shape, self._sharding, shards)
+      devices = sorted(self._sharding.addressable_devices, key=lambda d: d.id)
+      rows = np.zeros((len(devices), 1, jax.process_count()), np.float32)
+      rows[0, 0, jax.process_index()] = value
+      self._local[value] = jax.make_array_from_single_device_arrays(
+          (self._sharding.mesh.devices.size, jax.process_count()), self._sharding,
+          [jax.device_put(row, d) for row, d in zip(rows, devices)])
     return self._local[value]
 
   def sent(self, signals) -> None:

@@ -175,9 +175,10 @@ def build(config, info: TextInfo) -> Setup:
   model = Transformer(info.tokenizer.vocab_size, variant(config), m.positions, m.norm,
                       m.tie_embeddings, m.dropout, attention, layers.dense_grads(m.dense_grads),
                       *layers.dtypes(m), m.get("scan_layers", False), m.get("remat", "none"))
-  decode = m.get("decode_dtype", m.get("dtype", "float32"))  # runs saved before it: dtype
+  dtype = m.get("dtype", "float32")
+  decode = m.get("decode_dtype", dtype)  # runs saved before it decode in their dtype
   if decode == "auto":
-    decode = platform.decode_dtype(jax.default_backend(), m.get("dtype", "float32"))
+    decode = platform.decode_dtype(jax.default_backend(), dtype)
   decoder = model if jnp.dtype(decode) == model.dtype else model.clone(dtype=jnp.dtype(decode))
   steps = config.train.num_steps
   return Setup(config, info, model, decoder, optim.build(config.optim, steps, decay_mask),
