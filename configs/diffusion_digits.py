@@ -62,6 +62,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       final_nll=True,              # test bits/dim through the probability-flow ODE at the end
       nll_images=0,                # test images it averages over; 0 = the test split's size
       nll_tolerance=1e-5,          # the ODE solver's relative and absolute tolerance
+      nll_dequantization="uniform",  # uniform | gaussian: the bound from levels to density
+      nll_sigma=0.05,              # gaussian: its sd in [-1, 1] (a bin is 2 / (levels - 1))
+      nll_probes=1,                # Hutchinson probes per image; 0 = the exact divergence
   )
   if "smoke" in variants:
     defaults.smoke(c)

@@ -25,14 +25,18 @@ Classifier-free guidance: training drops a label with probability
 mixes f_uncond + w (f_cond - f_uncond), so w = 0 is the unconditional
 model and w = 1 the conditional one (`sample.guidance`).
 
-Likelihood (`log_likelihood`): the same ODE carries a density. Uniformly
-dequantised test images x (a uniform draw inside each pixel's level bin, of
-width 2 / (levels - 1)) are integrated from the data end to the noise end,
-where x is Gaussian, with the divergence of f along the path (a Hutchinson
-estimate, one Rademacher probe per image) by diffrax's adaptive Tsit5;
-log P(levels) >= log p(x) + dims log(bin width) gives bits/dim of the discrete
-pixels, the quantity the VAE's IWAE bound estimates (genflax/tasks/vae.py).
-EDM starts at sigma_min (its D is singular at 0) and runs in log sigma.
+Likelihood (`log_likelihood`): the same ODE carries a density. Test images are
+integrated from the data end to the noise end, where x is Gaussian, with the
+divergence of f along the path (Hutchinson's estimate over `eval.nll_probes`
+Rademacher probes per image, or exact) by diffrax's adaptive Tsit5. Two bounds
+on log P(levels), the quantity the VAE's IWAE bound estimates
+(genflax/tasks/vae.py), turn that density into bits/dim of the discrete pixels
+(`levels_log_likelihood`, `eval.nll_dequantization`): `uniform` scores a
+uniform draw inside each pixel's level bin (of width 2 / (levels - 1)) from
+EDM's sigma_min; `gaussian` (Kingma et al. 2021) blurs the levels by
+N(0, eval.nll_sigma^2), starts the ODE at that sigma and reads the levels back
+with a per-pixel decoder, so the noise levels below it, where a denoiser trained
+for samples is least exact, are not integrated. EDM runs in log sigma.
 
 The state keeps an EMA of the parameters (`loss.ema_decay`, shared with the
 GAN: genflax.tasks.ema_update); evaluation and samples use it. FID and
@@ -54,6 +58,7 @@ from genflax.tasks import image_metrics
 
 KINDS = ("edm", "flow")
 SAMPLERS = ("euler", "heun")
+DEQUANTIZATIONS = ("uniform", "gaussian")  # levels_log_likelihood's bounds
 TIME_SAMPLING = ("uniform", "logit_normal")
 SIGMA_DATA = 0.5  # EDM's assumed standard deviation of the data, here on [-1, 1]
 
@@ -115,6 +120,9 @@ def check(config) -> None:
   checks.boolean(config, "eval.final_nll")
   checks.integer(config, "eval.nll_images", 0)
   checks.number(config, "eval.nll_tolerance", above=0, below=1)
+  checks.one_of(config, "eval.nll_dequantization", DEQUANTIZATIONS)
+  checks.number(config, "eval.nll_sigma", above=0, below=1)
+  checks.integer(config, "eval.nll_probes", 0)
 
 
 def build(config, info) -> Setup:
@@ -254,37 +262,48 @@ def solve(f, noise, grid, rng, sampler: str, edm: bool, churn: float = 0.0, step
   return jax.lax.fori_loop(0, steps, step, noise * grid[0] if edm else noise)
 
 
-def log_likelihood(kind: str, f, x, sample_cfg, rng, tolerance: float):
-  """log p(x) [B] in nats of the model whose probability-flow ODE is dx/dtau = f(x, tau),
-  at x [B, ...] on the data end (EDM: sigma = sample.sigma_min; flow: t = 1).
+def log_likelihood(kind: str, f, x, sample_cfg, rng, tolerance: float,
+                   sigma: float | None = None, probes: int = 1):
+  """log p_sigma(x) [B] in nats: the density at x [B, ...] of the model's data blurred by
+  N(0, sigma^2) noise, from its probability-flow ODE dx/dtau = f(x, tau). sigma None:
+  EDM's sample.sigma_min, the flow's t = 1 (no noise); else EDM starts at sigma and the
+  flow at t = 1 / (1 + sigma), where x_t / t is the data plus noise of sd sigma.
 
-  Integrates x and -d log p / dtau = div f (Hutchinson: eps^T (df/dx) eps, one Rademacher
-  eps per image held over the path) to the noise end, where the density is Gaussian:
-  N(0, sigma_max^2) for EDM, N(0, 1) for the flow. diffrax's Tsit5 with relative and
-  absolute tolerance `tolerance` picks the steps.
+  Integrates x and -d log p / dtau = div f to the noise end, where the density is
+  Gaussian: N(0, sigma_max^2) for EDM, N(0, 1) for the flow. The divergence is
+  Hutchinson's estimate averaged over `probes` Rademacher vectors per image, held over
+  the path (unbiased; more probes, less spread), or exact with probes=0 (one pullback
+  per dimension: for small images). diffrax's Tsit5 with relative and absolute
+  tolerance `tolerance` picks the steps.
   """
   b, dims = x.shape[0], math.prod(x.shape[1:])
-  eps = jax.random.rademacher(rng, x.shape, dtype=x.dtype)
+  if probes:
+    eps = jax.random.rademacher(rng, (probes, *x.shape), dtype=x.dtype)
+  else:  # every basis vector: the trace exactly
+    eps = jnp.eye(dims, dtype=x.dtype)[:, None, :].repeat(b, 1).reshape(dims, *x.shape)
   per_image = lambda v: jnp.sum(v.reshape(b, -1), -1)
+  scale = 1.0
   if kind == "edm":  # in s = ln sigma, where EDM's path is smooth: dx/ds = sigma f
     g, start, stop, prior_std = (lambda x, s: jnp.exp(s) * f(x, jnp.exp(s)),
-                                 math.log(sample_cfg.sigma_min), math.log(sample_cfg.sigma_max),
-                                 sample_cfg.sigma_max)
+                                 math.log(sample_cfg.sigma_min if sigma is None else sigma),
+                                 math.log(sample_cfg.sigma_max), sample_cfg.sigma_max)
   else:
-    g, start, stop, prior_std = f, 1.0, 0.0, 1.0
+    scale = 1.0 if sigma is None else 1.0 / (1.0 + sigma)
+    g, start, stop, prior_std = f, scale, 0.0, 1.0
 
   def term(tau, state, args):  # eps^T J through a VJP: the layers define only those
     dx, pullback = jax.vjp(lambda x: g(x, tau), state[0])
-    return dx, per_image(pullback(eps)[0] * eps)
+    trace = jax.vmap(lambda e: per_image(pullback(e)[0] * e))(eps)
+    return dx, jnp.sum(trace, 0) if not probes else jnp.mean(trace, 0)
 
   solution = diffrax.diffeqsolve(
-      diffrax.ODETerm(term), diffrax.Tsit5(), start, stop, None, (x, jnp.zeros(b)),
+      diffrax.ODETerm(term), diffrax.Tsit5(), start, stop, None, (scale * x, jnp.zeros(b)),
       stepsize_controller=diffrax.PIDController(rtol=tolerance, atol=tolerance),
       max_steps=4096)
   noise, divergence = (v[-1] for v in solution.ys)
   prior = (-0.5 * per_image(noise**2) / prior_std**2
            - dims * (math.log(prior_std) + 0.5 * math.log(2 * math.pi)))
-  return prior + divergence
+  return prior + divergence + dims * math.log(scale)  # the flow: x_t = t x's Jacobian
 
 
 def sample(setup: Setup, params, noise, y, rng, steps, guidance: float,
@@ -399,21 +418,58 @@ def generate_images(setup: Setup, params, n: int, rng, steps: int):
   return image_metrics.generate(lambda rng, y, m: fn(params, rng, y, steps, m), n, rng, labels)
 
 
+def levels_log_likelihood(kind: str, f, x, num_levels: int, sample_cfg, rng, tolerance: float,
+                          dequantization: str = "uniform", sigma: float = 0.0,
+                          probes: int = 1):
+  """A lower bound on log P(levels) [B] in nats of test images x [B, ...] on the levels'
+  grid in [-1, 1] (num_levels of them, bins 2 / (num_levels - 1) wide):
+
+    uniform   log p(x + u) + dims log(bin width), u uniform over the bin: the ODE from
+              EDM's sigma_min (the flow's t = 1);
+    gaussian  log p_sigma(z) - log q(z | x) + log P(x | z) at z = x + sigma eps (Kingma
+              et al. 2021): the ODE's density of data blurred by N(0, sigma^2), started at
+              sigma (the lowest noise levels, where a denoiser is least exact, are not
+              integrated); q = N(x, sigma^2); P(x | z) reads each pixel's level back from
+              z, a softmax over the levels of -(z - level)^2 / (2 sigma^2).
+
+  Both hold for any model. The gaussian one is tight where the model's blurred density
+  is right and the decoder is the levels' posterior given z (sigma small against a bin,
+  or the levels' probabilities even over a few sigma); the uniform one only for a
+  density flat inside each bin (a model of the levels' sharp peaks scores far worse).
+  """
+  dims = math.prod(x.shape[1:])
+  per_image = lambda v: jnp.sum(v.reshape(x.shape[0], -1), -1)
+  rng_noise, rng_probe = jax.random.split(rng)
+  if dequantization == "uniform":
+    width = 2.0 / (num_levels - 1)
+    return (log_likelihood(kind, f, dequantize(x, num_levels, rng_noise), sample_cfg,
+                           rng_probe, tolerance, probes=probes) + dims * math.log(width))
+  eps = jax.random.normal(rng_noise, x.shape)
+  z = x + sigma * eps
+  log_p = log_likelihood(kind, f, z, sample_cfg, rng_probe, tolerance, sigma, probes)
+  log_q = per_image(-0.5 * eps**2) - dims * math.log(sigma * math.sqrt(2 * math.pi))
+  levels = jnp.linspace(-1.0, 1.0, num_levels).reshape((1,) * z.ndim + (num_levels,))
+  logits = -0.5 * ((z[..., None] - levels) / sigma) ** 2
+  log_decoder = per_image(-0.5 * eps**2 - jax.nn.logsumexp(logits, -1))  # own level's logit
+  return log_p - log_q + log_decoder
+
+
 def bits_per_dim(setup: Setup, params, test: dict, rng) -> np.ndarray:
   """Per test image [eval.nll_images or all]: -log P(levels) / (dims ln 2), an upper
-  bound through one uniform dequantisation and log_likelihood (Hutchinson), in
-  eval.batch_size chunks (the last padded; one compilation)."""
+  bound through levels_log_likelihood with the config's eval.nll_dequantization,
+  eval.nll_sigma and eval.nll_probes, in eval.batch_size chunks (the last padded; one
+  compilation)."""
   c, info = setup.config, setup.info
-  n = c.eval.nll_images or info.num_test
-  width = 2.0 / (info.num_levels - 1)  # a level's bin in x
+  n = c.eval.nll_images or len(test["image"])
   dims = math.prod(info.image_shape)
   if "nll" not in setup.cache:
     def nll(params, images, labels, rng):
-      rng_u, rng_probe = jax.random.split(rng)
-      x = dequantize(image_metrics.scale(images, info.num_levels), info.num_levels, rng_u)
-      f = drift(setup, params, labels, 1.0)
-      log_p = log_likelihood(c.loss.kind, f, x, c.sample, rng_probe, c.eval.nll_tolerance)
-      return -(log_p + dims * math.log(width)) / (dims * math.log(2))
+      x = image_metrics.scale(images, info.num_levels)
+      log_p = levels_log_likelihood(
+          c.loss.kind, drift(setup, params, labels, 1.0), x, info.num_levels, c.sample, rng,
+          c.eval.nll_tolerance, c.eval.get("nll_dequantization", "uniform"),
+          c.eval.get("nll_sigma", 0.0), c.eval.get("nll_probes", 1))
+      return -log_p / (dims * math.log(2))
     setup.cache["nll"] = jax.jit(nll)
   chunk, outs = c.eval.batch_size, []
   for start in range(0, n, chunk):
