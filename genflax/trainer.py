@@ -13,8 +13,10 @@ A family is a module in `genflax.tasks` (named by `config.task`) with:
   train_step(setup, state, batch, rng) -> (state, metrics)     pure, jitted here
   eval_step(setup, state, batch, rng, final) -> {name: [B]}    per-example values,
                                            averaged here over the whole test split
-  or evaluate(setup, state, test, rng, final) -> {name: float}  for set-level
-                                           metrics (FID); the family jits its parts
+  or evaluate(setup, state, test, rng, final, parts) -> {name: float}  for
+                                           set-level metrics (FID); the family jits its
+                                           parts, each through parts(name, compute)
+                                           at the end (evaluation.Parts)
   samples(setup, state, batch, rng) -> pytree    pure, jitted here; `batch` is the
                                            first eval.num_samples test examples
   write_samples(setup, samples, writer, step)   on the host: PNGs, text
@@ -33,7 +35,7 @@ depend only on the step, and a resumed run repeats an uninterrupted one.
 restored or created), `_train_loop` (`_steps`: each `_step`, logged by
 `_log_train`, checkpointed by `_save`, evaluated by the function that
 `_evaluator` compiles; the saves waited for on every way out) and `_end`
-(pruned, stopped, or the final evaluation and results.json).
+(pruned, stopped, or the final evaluation, kept part by part, and results.json).
 """
 import collections
 import dataclasses
@@ -56,6 +58,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from genflax import (checkpoints, checks, data, evaluation, files, metrics, optim, platform,
                      sharding, tasks)
 from genflax.errors import ConfigError, UserError
+
+PARTS_FILE = "final_parts.json"  # the final evaluation's finished parts (evaluation.Parts)
 
 
 class NonFiniteLoss(UserError):
@@ -117,7 +121,7 @@ def _train(config, workdir: str, on_eval, task, mesh) -> dict:
       return results
     log(f"{results_path} is unreadable: the final evaluation runs again to write it")
   writer = metrics.Writer(workdir, resume_step=resumed_step)
-  evaluate = _evaluator(config, run, mesh, writer, log)
+  evaluate = _evaluator(config, run, mesh, writer, log, workdir)
   experiment = checkpoints.identity(json.loads(config.to_json_best_effort()))
   loop = _Loop(config, run, mngr, writer, log, evaluate, experiment, state, step)
   if (resumed_step is not None and 0 < step < config.train.num_steps
@@ -183,9 +187,11 @@ class _Loop:
   last_log_step: int = 0
 
 
-def _evaluator(config, run: "Run", mesh, writer, log) -> Callable:
+def _evaluator(config, run: "Run", mesh, writer, log, workdir: str) -> Callable:
   """evaluate(state, step, final=False) -> values: the compiled evaluation of the
-  whole test split and the samples, written out and logged."""
+  whole test split and the samples, written out and logged. The final evaluation keeps
+  its finished parts in workdir/final_parts.json (evaluation.Parts) until results.json
+  holds them all."""
   task, setup, test_data = run.task, run.setup, run.test_data
   eval_step = jax.jit(lambda s, b, r, final: task.eval_step(setup, s["task"], b, r, final),
                       static_argnums=3)
@@ -196,7 +202,12 @@ def _evaluator(config, run: "Run", mesh, writer, log) -> Callable:
 
   def evaluate(state, step, final=False):
     if hasattr(task, "evaluate"):
-      values = task.evaluate(setup, state["task"], test_data, eval_rng, final)
+      parts = None
+      if final:
+        key = {"step": step, "config": json.loads(config.to_json_best_effort())}
+        parts = evaluation.Parts(os.path.join(workdir, PARTS_FILE), key,
+                                 write=jax.process_index() == 0, log=log)
+      values = task.evaluate(setup, state["task"], test_data, eval_rng, final, parts)
     else:
       values = evaluation.split_means(eval_step, state, test_data, config.eval.batch_size,
                                       run.feed.batch_sharding, eval_rng, final)
@@ -330,6 +341,9 @@ def _end(loop: _Loop, pruned: bool, stop_reason, results_path: str) -> dict:
   results.update(step=step, num_params=num_params(loop.state), train_step_traces=traces)
   if jax.process_index() == 0:
     files.write_json(results_path, results)
+    parts = os.path.join(os.path.dirname(results_path), PARTS_FILE)
+    if os.path.exists(parts):  # results.json holds every part now
+      os.remove(parts)
   loop.writer.close()
   loop.mngr.close()
   return results

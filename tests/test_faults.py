@@ -121,6 +121,33 @@ def test_ten_sigkills_then_resume_equal_an_uninterrupted_run(tmp_path, family):
   assert landed.count("during a save") >= 2
 
 
+def test_a_run_killed_in_its_final_evaluation_keeps_its_finished_parts(tmp_path):
+  """The VAE's final evaluation has two parts (the test split's means, then the image
+  metrics of its samples). Killed as soon as the first is on disk, the rerun computes
+  only the second, and its results equal an uninterrupted run's."""
+  env, straight, broken = _env(), tmp_path / "straight", tmp_path / "broken"
+  uninterrupted = helpers.cli(*_args("vae_digits", {}, straight), env=env)
+  assert uninterrupted.returncode == 0, uninterrupted.stdout + uninterrupted.stderr
+  assert not (straight / trainer.PARTS_FILE).exists()  # results.json holds them all
+
+  proc, parts = helpers.popen(*_args("vae_digits", {}, broken), env=env), broken / trainer.PARTS_FILE
+  while proc.poll() is None and not parts.exists():
+    time.sleep(0.001)
+  assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert list(json.load(open(parts))["parts"]) == ["means"] and not (broken / "results.json").exists()
+
+  rerun = helpers.cli(*_args("vae_digits", {}, broken), env=env)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert "final evaluation: means already done at step" in rerun.stdout, rerun.stdout
+  want, got = (json.load(open(d / "results.json")) for d in (straight, broken))
+  assert got.pop("train_step_traces") == 0  # the rerun trained no step
+  want.pop("train_step_traces")
+  assert got == want and {"iwae_nll", "fid"} <= set(got)
+  assert not parts.exists()
+
+
 def test_sigkills_during_small_file_writes_leave_the_old_file_or_the_new(tmp_path):
   """genflax's small files (results, config, sweep.json, reports, samples) all go
   through files.write_atomically. A process rewriting a 200 KB JSON file as fast as

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from genflax import checkpoints, checks, data, optim, sharding, tasks, trainer
+from genflax import checkpoints, checks, data, evaluation, optim, sharding, tasks, trainer
 from genflax.data import fashion_mnist
 from genflax.tasks import vae
 from genflax.errors import ConfigError
@@ -643,3 +643,18 @@ def test_reduce_scatter_runs_resume_like_uninterrupted_ones(tmp_path):
   (step, want), (_, got) = _params(str(tmp_path / "straight")), _params(resumed)
   assert step == 16
   jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_final_parts_are_reused_only_at_their_own_step_and_config(tmp_path):
+  """The run killed in its final evaluation is tests/test_faults.py's; here, the file's
+  key: parts saved at another step or under another config are computed again."""
+  path, key, lines = str(tmp_path / trainer.PARTS_FILE), {"step": 5, "config": {"a": 1}}, []
+  first = evaluation.Parts(path, key, write=True)
+  assert first("draws", lambda: {"fid": np.float64(3.5), "fid_draws": 3}) == {
+      "fid": 3.5, "fid_draws": 3}
+  again = evaluation.Parts(path, key, write=True, log=lines.append)
+  assert again("draws", lambda: pytest.fail("recomputed")) == {"fid": 3.5, "fid_draws": 3}
+  assert lines == [f"final evaluation: draws already done at step 5 ({path}); computing the rest"]
+  for other in ({"step": 6, "config": {"a": 1}}, {"step": 5, "config": {"a": 2}}):
+    assert evaluation.Parts(path, other, write=True)("draws", lambda: {"fid": 1.0}) == {"fid": 1.0}
+  assert evaluation.Parts()("draws", lambda: {"fid": 2.0}) == {"fid": 2.0}  # no file at all

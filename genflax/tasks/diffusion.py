@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from genflax import checks, data, optim, sharding, tasks
+from genflax import checks, data, evaluation, optim, sharding, tasks
 from genflax.errors import ConfigError
 from genflax.models import conv, layers, unet
 from genflax.tasks import image_metrics
@@ -480,26 +480,34 @@ def bits_per_dim(setup: Setup, params, test: dict, rng) -> np.ndarray:
   return np.concatenate(jax.device_get(outs)).astype(np.float64)[:n]
 
 
-def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
+def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool,
+             parts: evaluation.Parts | None = None) -> dict:
   """The image metrics of EMA samples at sample.steps (over eval.final_fid_draws sets of
   samples at the end), with FID's floor; at the final evaluation also FID of one set
   at each of eval.final_fid_steps (`fid_steps<N>`) and,
   with eval.final_nll, the test bits/dim through the ODE (`nll_bpd`, with the standard
-  error of its mean over images, `nll_bpd_sem`)."""
-  c = setup.config
+  error of its mean over images, `nll_bpd_sem`). Each of those is one of `parts`."""
+  c, parts = setup.config, parts or evaluation.Parts()
   n = (c.eval.final_fid_samples if final else c.eval.fid_samples) or setup.info.num_test
   train, _, _ = datasets(c, "")
   ref = image_metrics.reference(c, train, test, setup.info, n, setup.cache)
   ema = sharding.host_copy(state["ema"])  # every process scores the whole set itself
-  values = image_metrics.scores_over_draws(
+  values = dict(parts("draws", lambda: image_metrics.scores_over_draws(
       ref, lambda r: generate_images(setup, ema, n, r, c.sample.steps), rng,
-      c.eval.final_fid_draws if final else 1)
-  for steps in (c.eval.final_fid_steps if final else ()):
+      c.eval.final_fid_draws if final else 1)))
+
+  def fid_at(steps):
     images = generate_images(setup, ema, n, rng, steps)
-    values[f"fid_steps{steps}"] = image_metrics.fid(ref["features"](images)[0], ref["real"])
-  if final and c.eval.final_nll:
+    return {f"fid_steps{steps}": image_metrics.fid(ref["features"](images)[0], ref["real"])}
+
+  def nll():
     bpd = bits_per_dim(setup, ema, test, jax.random.fold_in(rng, 2))
-    values.update(nll_bpd=bpd.mean(), nll_bpd_sem=bpd.std() / math.sqrt(len(bpd)))
+    return {"nll_bpd": bpd.mean(), "nll_bpd_sem": bpd.std() / math.sqrt(len(bpd))}
+
+  for steps in (c.eval.final_fid_steps if final else ()):
+    values.update(parts(f"fid_steps{steps}", lambda: fid_at(steps)))
+  if final and c.eval.final_nll:
+    values.update(parts("nll", nll))
   return values
 
 

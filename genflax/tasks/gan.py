@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from genflax import checks, data, optim, sharding, tasks
+from genflax import checks, data, evaluation, optim, sharding, tasks
 from genflax.errors import ConfigError
 from genflax.models import conv, layers
 from genflax.tasks import image_metrics
@@ -398,17 +398,18 @@ def generate_images(setup: Setup, g_params, n: int, rng):
                                 labels)
 
 
-def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
+def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool,
+             parts: evaluation.Parts | None = None) -> dict:
   """The image metrics of the EMA generator against the test split (over
-  eval.final_fid_draws sets of samples at the end), with FID's floor (train vs test
-  images) and its value at initialisation."""
-  c = setup.config
+  eval.final_fid_draws sets of samples at the end, one of `parts`), with FID's floor
+  (train vs test images) and its value at initialisation."""
+  c, parts = setup.config, parts or evaluation.Parts()
   n = (c.eval.final_fid_samples if final else c.eval.fid_samples) or setup.info.num_test
   ref = reference(setup, test, n)
   # On the host first: every process scores the whole set on its own devices.
   g = sharding.host_copy(state["ema_g"])
-  values = image_metrics.scores_over_draws(ref, lambda r: generate_images(setup, g, n, r), rng,
-                                           c.eval.final_fid_draws if final else 1)
+  values = parts("draws", lambda: image_metrics.scores_over_draws(
+      ref, lambda r: generate_images(setup, g, n, r), rng, c.eval.final_fid_draws if final else 1))
   return {**values, "fid_init": ref["fid_init"]}
 
 

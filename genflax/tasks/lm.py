@@ -254,15 +254,19 @@ def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
 _eval_step = jax.jit(eval_step, static_argnums=(0, 4))
 
 
-def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
+def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool,
+             parts: evaluation.Parts | None = None) -> dict:
   """eval_step's means over the eval windows, plus perplexity = exp(mean loss);
-  at the final evaluation, the continuations' BLEU and ROUGE-L too."""
+  at the final evaluation, the continuations' BLEU and ROUGE-L too. Each is one of
+  `parts`."""
+  parts = parts or evaluation.Parts()
   step = lambda s, b, r, f: _eval_step(setup, s, b, r, f)
-  values = evaluation.split_means(step, state, test, setup.config.eval.batch_size,
-                                  sharding.batch_sharding(setup.mesh), rng, final)
+  values = dict(parts("means", lambda: evaluation.split_means(
+      step, state, test, setup.config.eval.batch_size, sharding.batch_sharding(setup.mesh),
+      rng, final)))
   values["perplexity"] = math.exp(values["loss"])
   if final and setup.info.passages is not None:
-    values.update(continuation_scores(setup, state["params"], rng))
+    values.update(parts("continuations", lambda: continuation_scores(setup, state["params"], rng)))
   return values
 
 

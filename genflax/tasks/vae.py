@@ -358,22 +358,24 @@ def eval_step(setup: Setup, state: dict, batch: dict, rng, final: bool) -> dict:
 _eval_step = jax.jit(eval_step, static_argnums=(0, 4))
 
 
-def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool) -> dict:
+def evaluate(setup: Setup, state: dict, test: dict, rng, final: bool,
+             parts: evaluation.Parts | None = None) -> dict:
   """eval_step's means over the test split and, on a labelled dataset, the image
   metrics of eval.fid_samples prior samples (eval.final_fid_samples at the end, over
-  eval.final_fid_draws sets; 0: as many as the test split has)."""
-  c = setup.config
+  eval.final_fid_draws sets; 0: as many as the test split has). Each is one of
+  `parts`."""
+  c, parts = setup.config, parts or evaluation.Parts()
   step = lambda s, b, r, f: _eval_step(setup, s, b, r, f)
-  values = evaluation.split_means(step, state, test, c.eval.batch_size,
-                                  sharding.batch_sharding(setup.mesh), rng, final)
+  values = dict(parts("means", lambda: evaluation.split_means(
+      step, state, test, c.eval.batch_size, sharding.batch_sharding(setup.mesh), rng, final)))
   if setup.info.num_classes:
     n = (c.eval.final_fid_samples if final else c.eval.fid_samples) or setup.info.num_test
     train, _, _ = datasets(c, "")
     ref = image_metrics.reference(c, train, test, setup.info, n, setup.cache)
     params = sharding.host_copy(state["params"])
-    values.update(image_metrics.scores_over_draws(
+    values.update(parts("draws", lambda: image_metrics.scores_over_draws(
         ref, lambda r: generate_images(setup, params, n, r), jax.random.fold_in(rng, 3),
-        c.eval.final_fid_draws if final else 1))
+        c.eval.final_fid_draws if final else 1)))
   return values
 
 
