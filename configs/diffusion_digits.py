@@ -38,6 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   ))
   c.loss = ml_collections.ConfigDict(dict(
       kind="flow" if "flow" in variants else "edm",  # edm | flow
+      sigma_sampling="lognormal",  # edm: lognormal | log_uniform (over sample.sigma_min..max)
       p_mean=-1.2, p_std=1.2,      # edm: ln sigma ~ N(p_mean, p_std^2) (EDM's values)
       time_sampling="logit_normal",  # flow: uniform | logit_normal t
       ema_decay=0.999,             # EMA of the parameters, used for eval and samples

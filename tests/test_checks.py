@@ -84,6 +84,8 @@ BAD = [  # (config, overrides, what the error says)
      "eval.nll_dequantization='variational': expected one of ('uniform', 'gaussian')"),
     (DIFF, ["eval.nll_sigma=0"], "eval.nll_sigma=0.0: must be a finite number > 0 and < 1"),
     (DIFF, ["eval.nll_probes=-1"], "eval.nll_probes=-1: must be an integer >= 0"),
+    (DIFF, ["loss.sigma_sampling=normal"],
+     "loss.sigma_sampling='normal': expected one of ('lognormal', 'log_uniform')"),
     (LM, ["model.variant=huge"], "model.variant='huge': expected one of"),
     (LM, ["model.dropout=1"], "model.dropout=1.0: must be a finite number >= 0 and < 1"),
     (LM, ["model.norm=batchnorm"], "model.norm='batchnorm': expected one of"),

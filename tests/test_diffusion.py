@@ -63,6 +63,22 @@ def test_patches_go_in_and_out_whole_and_the_flop_count_follows_them():
     _setup("smoke", **{"model.patch": 3})
 
 
+def test_edms_training_levels_lognormal_or_even_in_log_sigma_over_the_samplers_range():
+  draws = {}
+  for sampling in diffusion.SIGMA_SAMPLING:
+    setup, _, _ = _setup("smoke", **{"loss.sigma_sampling": sampling})
+    draws[sampling] = np.log(np.asarray(diffusion.training_sigmas(setup, jax.random.PRNGKey(0),
+                                                                  20000)))
+  normal, even = draws["lognormal"], draws["log_uniform"]
+  assert abs(normal.mean() + 1.2) < 0.03 and abs(normal.std() - 1.2) < 0.03
+  lo, hi = np.log(0.002), np.log(80.0)
+  assert lo <= even.min() < lo + 0.01 and hi - 0.01 < even.max() <= hi
+  counts = np.histogram(even, 10, (lo, hi))[0]
+  assert counts.min() > 0.9 * 2000 and counts.max() < 1.1 * 2000, counts
+  # Below sigma 0.02, where the bits/dim's last steps run: 22% of the draws against 1.2%.
+  assert np.mean(even < np.log(0.02)) > 0.2 > 10 * np.mean(normal < np.log(0.02))
+
+
 def test_dequantised_levels_fill_their_bins_evenly():
   levels = jnp.tile(jnp.linspace(-1.0, 1.0, 17), 4000)  # the digits' 17 levels
   x = diffusion.dequantize(levels, 17, jax.random.PRNGKey(0))

@@ -9,7 +9,8 @@ objectives (`loss.kind`), one network F(x, noise level, label):
 
   edm   Karras et al. 2022: the denoiser D(x; sigma) = c_skip x + c_out
         F(c_in x, c_noise) with EDM's preconditioning (sigma_data = 0.5),
-        trained at ln sigma ~ N(loss.p_mean, loss.p_std^2) with the weight
+        trained at ln sigma ~ N(loss.p_mean, loss.p_std^2) (or, with
+        loss.sigma_sampling=log_uniform, uniform over the sampler's range) with the weight
         (sigma^2 + sigma_data^2) / (sigma sigma_data)^2;
   flow  rectified flow (flow matching): x_t = (1 - t) n + t x for noise n,
         F(x_t, t) fits the velocity x - n; t uniform or logit-normal.
@@ -60,6 +61,7 @@ KINDS = ("edm", "flow")
 SAMPLERS = ("euler", "heun")
 DEQUANTIZATIONS = ("uniform", "gaussian")  # levels_log_likelihood's bounds
 TIME_SAMPLING = ("uniform", "logit_normal")
+SIGMA_SAMPLING = ("lognormal", "log_uniform")  # EDM's training noise levels
 SIGMA_DATA = 0.5  # EDM's assumed standard deviation of the data, here on [-1, 1]
 
 
@@ -99,6 +101,7 @@ def check(config) -> None:
   checks.one_of(config, "loss.kind", KINDS)
   checks.number(config, "loss.p_mean")
   checks.number(config, "loss.p_std", above=0)
+  checks.one_of(config, "loss.sigma_sampling", SIGMA_SAMPLING)
   checks.one_of(config, "loss.time_sampling", TIME_SAMPLING)
   checks.number(config, "loss.ema_decay", low=0, below=1)
   checks.boolean(config, "loss.dequantize")
@@ -191,7 +194,7 @@ def losses(setup: Setup, params, x, y, rng):
   net_fn = lambda x, level, y: setup.net.apply({"params": params}, x, level, y)
   per_pixel = lambda e: jnp.mean(e.reshape(b, -1), -1)
   if c.kind == "edm":
-    sigma = jnp.exp(c.p_mean + c.p_std * jax.random.normal(rng_level, (b,)))
+    sigma = training_sigmas(setup, rng_level, b)
     weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
     d = denoise(net_fn, x + sigma[:, None, None, None] * n, sigma, y)
     return weight * per_pixel((d - x) ** 2)
@@ -200,6 +203,19 @@ def losses(setup: Setup, params, x, y, rng):
   tt = t[:, None, None, None]
   v = net_fn((1 - tt) * n + tt * x, t, y)
   return per_pixel((v - (x - n)) ** 2)
+
+
+def training_sigmas(setup: Setup, rng, b: int):
+  """EDM's training noise levels [b]: ln sigma ~ N(loss.p_mean, loss.p_std^2) (EDM's
+  choice, for samples), or uniform between ln sample.sigma_min and ln sigma_max (for
+  likelihood: with EDM's weight, 1 / sigma^2 + 1 / sigma_data^2, the loss is then the
+  ELBO's weighting of the noise levels plus a plain denoising term, so the low noise
+  that the bits/dim integrate is trained as much as the rest)."""
+  c, s = setup.config.loss, setup.config.sample
+  if c.get("sigma_sampling", "lognormal") == "log_uniform":
+    return jnp.exp(jax.random.uniform(rng, (b,), minval=math.log(s.sigma_min),
+                                      maxval=math.log(s.sigma_max)))
+  return jnp.exp(c.p_mean + c.p_std * jax.random.normal(rng, (b,)))
 
 
 def drift(setup: Setup, params, y, guidance: float):
