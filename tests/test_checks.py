@@ -188,11 +188,13 @@ def test_every_config_loads_and_leaves_sys_path_alone():
   c = helpers.config("dcgan_fashion", "")
   assert (c.task, c.model.arch, c.data.name, c.model.latent_dim) == ("gan", "dcgan",
                                                                       "fashion_mnist", 100)
-  # `wide` widens G alone and trains longer; the default stays the benchmarks' DCGAN.
+  # `wide` widens G, gives D the minibatch std and trains longer; the default stays
+  # the benchmarks' DCGAN.
   wide = helpers.config("dcgan_fashion", "wide")
   assert (tuple(c.model.g_channels), tuple(wide.model.g_channels)) == ((128, 64), (256, 128))
   assert (c.train.num_steps, wide.train.num_steps) == (5000, 10000)
   assert wide.model.d_channels == c.model.d_channels and not wide.model.conditional
+  assert (c.model.d_minibatch_std, wide.model.d_minibatch_std) == (False, True)
 
 
 def test_an_error_in_a_base_config_names_the_base_file_and_line(tmp_path):
