@@ -2,6 +2,7 @@
 import functools
 import glob
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -33,6 +34,15 @@ def config(name: str, arg: str = "smoke", **overrides):
     node[last] = value
   c.lock()
   return c
+
+
+def load_script(path: str):
+  """A script of the repository (e.g. experiments/bits_per_dim.py) as a module."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def assert_smoke_ran(results: dict) -> None:

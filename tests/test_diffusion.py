@@ -1,7 +1,6 @@
 """The diffusion family: preconditioning, samplers against a Gaussian's exact solution,
 guidance, training, resume, devices, the sample CLI."""
 import functools
-import importlib.util
 import os
 import shutil
 import types
@@ -347,11 +346,34 @@ def test_the_sample_cli_draws_the_asked_label_with_guidance(conditional_runs, tm
 
 
 @pytest.mark.slow
+def test_bits_per_dim_compares_two_runs_image_by_image(conditional_runs, tmp_path, monkeypatch,
+                                                        capsys):
+  """experiments/bits_per_dim.py: --save keeps a run's per-image values and
+  --against gives another run's paired difference to them (here the same run:
+  exactly zero); a comparison over other images is refused before any work."""
+  script = helpers.load_script("experiments/bits_per_dim.py")
+  workdir, saved = conditional_runs[1][1], str(tmp_path / "a.npz")
+  run = lambda *args: (monkeypatch.setattr("sys.argv", ["bits_per_dim.py", workdir, *args]),
+                       script.main())
+  run("--images", "3", "--bounds", "uniform", "gaussian:0.05", "--save", saved)
+  first = capsys.readouterr().out
+  values = np.load(saved)
+  assert values["bpd"].shape == (2, 3) and list(values["bounds"]) == ["uniform:0",
+                                                                      "gaussian:0.05"]
+  assert f"| gaussian | 0.05 | {values['bpd'][1].mean():.4f} +- " in first
+  run("--images", "3", "--bounds", "gaussian:0.05", "--against", saved)
+  against = capsys.readouterr().out.splitlines()[-1]
+  assert against.startswith(f"| gaussian:0.05 against {saved} | | ")
+  assert against.endswith(" | +0.0000 +- 0.0000 |"), against
+  with pytest.raises(SystemExit) as exit_:
+    run("--images", "4", "--against", saved)
+  assert exit_.value.code == 2
+  assert "scored 3 test images with seed 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_the_fid_by_sampler_table_scores_the_runs_own_samples(conditional_runs):
-  path = os.path.join(helpers.ROOT, "experiments", "fid_by_sampler.py")
-  spec = importlib.util.spec_from_file_location("fid_by_sampler", path)
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = helpers.load_script("experiments/fid_by_sampler.py")
   workdir = conditional_runs[1][1]
   rows, _, _ = script.table(workdir, ["heun", "euler"], [2, 3], [0, 2], 60, 2)
   assert [(r["sampler"], r["guidance"], r["steps"], r["passes"]) for r in rows] == [
