@@ -12,6 +12,9 @@ padding, no kernel flip, as Flax's defaults). `impl` picks how:
   convolution per phase where strided) and, for the kernel gradient, one
   matmul per tap (`forward_conv`); a transposed convolution as stride-1
   forward convolutions, one per output phase, as below;
+- `onednn`: `matmul`'s forms with oneDNN's bfloat16 matmuls
+  (genflax/models/onednn.py) where both operands are bfloat16, on the CPU's
+  bfloat16 units (AVX512-BF16, AMX); row-major matmuls otherwise;
 - `matmul`: the patches of the input gathered by slicing (im2col) and
   contracted with the kernel in one matmul; a transposed convolution of
   stride s as s x s stride-1 convolutions, one per output phase, whose
@@ -31,7 +34,8 @@ backward then pass over the wide side's memory a few times, where XLA's
 convolution and the per-tap kernel gradient pass kh * kw times.
 
 `model.conv=auto` takes `xla` on GPUs and TPUs; on CPU `forward` for images
-of 16x16 and up and `matmul` below (genflax/platform.py; measured in
+of 16x16 and up and `matmul` below, and `onednn` for a bfloat16 run where
+oneDNN drives the CPU's bfloat16 units (genflax/platform.py; measured in
 benchmarks/README.md).
 """
 import functools
@@ -44,9 +48,9 @@ from jax import lax
 
 from genflax import platform
 from genflax.errors import ConfigError
-from genflax.models import layers
+from genflax.models import layers, onednn
 
-CONVS = ("auto", "xla", "matmul", "forward")
+CONVS = ("auto", "xla", "matmul", "forward", "onednn")
 FORMS = ("xla", "patches", "scatter", "forward")  # how one layer runs (`form`)
 PADDINGS = ("SAME", "VALID")
 NARROW = 8  # channels: a side with at most this many is gathered or scattered (`form`)
@@ -58,7 +62,29 @@ def conv_impl(kind: str, image_hw: tuple[int, int] = (0, 0)) -> str:
   ("auto": genflax/platform.py's choice for this backend and size)."""
   if kind not in CONVS:
     raise ConfigError(f"model.conv={kind!r}: expected one of {CONVS}")
+  if kind == "onednn" and (jax.default_backend() != "cpu" or onednn.unavailable()):
+    why = onednn.unavailable() if jax.default_backend() == "cpu" else "it runs on CPUs only"
+    raise ConfigError(f"model.conv=onednn cannot run here: {why}; use forward or matmul")
   return platform.conv(jax.default_backend(), tuple(image_hw)) if kind == "auto" else kind
+
+
+def onednn_matmul(x, w):
+  """x [..., K] @ w [K, N] on oneDNN where both are bfloat16, else row-major."""
+  if x.dtype == w.dtype == jnp.bfloat16:
+    return onednn.matmul(x, w)
+  return layers.row_major_matmul(x, w)
+
+
+def dense_dot_general(impl: str):
+  """The dot_general for the nn.Dense layers of a network whose convolutions run
+  as `impl`: under `onednn` their bfloat16 matmuls go to oneDNN as well
+  (layers.onednn_dot_general), otherwise XLA's."""
+  return layers.onednn_dot_general if impl == "onednn" else lax.dot_general
+
+
+def matmul_of(impl: str):
+  """The matmul a layer of `impl` multiplies with: oneDNN's for `onednn`."""
+  return onednn_matmul if impl == "onednn" else layers.row_major_matmul
 
 
 def form(impl: str, c: int, o: int, in_pixels: int, out_pixels: int) -> str:
@@ -103,21 +129,23 @@ def _out_hw(hp: int, wp: int, kernel_hw, strides) -> tuple[int, int]:
   return tuple((n - k) // s + 1 for n, k, s in zip((hp, wp), kernel_hw, strides))
 
 
-def patches_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, int]]):
+def patches_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, int]],
+                   mm=layers.row_major_matmul):
   """lax.conv_general_dilated(x, kernel, strides, pads) for x [B, H, W, C] and
   kernel [kh, kw, C, O], as im2col: the kh * kw strided slices of the padded
-  input side by side [B * Ho * Wo, kh * kw * C] times kernel [kh * kw * C, O]."""
+  input side by side [B * Ho * Wo, kh * kw * C] times kernel [kh * kw * C, O]
+  (by `mm`, a matmul as `matmul_of` gives)."""
   b, kh, kw, c, o = x.shape[0], *kernel.shape
   xp = _pad(x, pads)
   ho, wo = _out_hw(*xp.shape[1:3], (kh, kw), strides)
   taps = _taps(xp, kh, kw, strides, (ho, wo))
   cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, -1)  # [B, Ho, Wo, kh kw C]
-  out = layers.row_major_matmul(cols.reshape(-1, kh * kw * c), kernel.reshape(-1, o))
+  out = mm(cols.reshape(-1, kh * kw * c), kernel.reshape(-1, o))
   return out.reshape(b, ho, wo, o)
 
 
 def scatter_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, int]],
-                   dilation: Sequence[int] = (1, 1)):
+                   dilation: Sequence[int] = (1, 1), mm=layers.row_major_matmul):
   """lax.conv_general_dilated(x, kernel, strides, pads, lhs_dilation=dilation)
   for x [B, H, W, C] and kernel [kh, kw, C, O], from the output side: z = x
   [B H W, C] times the kernel [C, kh kw O]; tap (i, j)'s O channels of z go
@@ -132,7 +160,7 @@ def scatter_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, 
   (ph0, ph1), (pw0, pw1) = pads
   ho, wo = _out_hw(hd + ph0 + ph1, wd + pw0 + pw1, (kh, kw), strides)
   lh, lw = sh * (ho - 1) + 1, sw * (wo - 1) + 1  # the outputs' span before striding
-  z = layers.row_major_matmul(x.reshape(-1, c), kernel.transpose(2, 0, 1, 3).reshape(c, -1))
+  z = mm(x.reshape(-1, c), kernel.transpose(2, 0, 1, 3).reshape(c, -1))
   # One split (not kh kw slices): its gradient is one concatenate, not kh kw padded adds.
   taps = jnp.split(z.reshape(b, h, w, kh * kw, o), kh * kw, axis=3)
   y = 0
@@ -187,18 +215,20 @@ def conv(x, kernel, strides, padding: str, impl: str):
   pads = tuple(map(tuple, lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)))
   (h, w), (c, o) = x.shape[1:3], kernel.shape[2:]
   ho, wo = _out_hw(h + sum(pads[0]), w + sum(pads[1]), kernel.shape[:2], strides)
-  return conv_as(form(impl, c, o, h * w, ho * wo), x, kernel, strides, pads)
+  return conv_as(form(impl, c, o, h * w, ho * wo), x, kernel, strides, pads, matmul_of(impl))
 
 
-def conv_as(form_: str, x, kernel, strides: tuple[int, int], pads: tuple[tuple[int, int], ...]):
-  """lax.conv_general_dilated(x, kernel, strides, pads) in form_, one of FORMS."""
+def conv_as(form_: str, x, kernel, strides: tuple[int, int], pads: tuple[tuple[int, int], ...],
+            mm=layers.row_major_matmul):
+  """lax.conv_general_dilated(x, kernel, strides, pads) in form_, one of FORMS
+  (`mm`: the matmul of the patches and scatter forms)."""
   if form_ == "xla":
     return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
   if form_ == "forward":
     return forward_conv(x, kernel, strides, pads)
   if form_ == "scatter":
-    return scatter_matmul(x, kernel, strides, pads)
-  return patches_matmul(x, kernel, strides, pads)
+    return scatter_matmul(x, kernel, strides, pads, mm=mm)
+  return patches_matmul(x, kernel, strides, pads, mm)
 
 
 def _transpose_pads(k: int, s: int, padding: str) -> tuple[int, int]:
@@ -283,20 +313,23 @@ def conv_transpose(x, kernel, strides, padding: str, impl: str):
   strides = _pairs(strides)
   (h, w), (c, o) = x.shape[1:3], kernel.shape[2:]
   return conv_transpose_as(form(impl, c, o, h * w, h * w * strides[0] * strides[1]),
-                           x, kernel, strides, padding)
+                           x, kernel, strides, padding, matmul_of(impl))
 
 
-def conv_transpose_as(form_: str, x, kernel, strides: tuple[int, int], padding: str):
+def conv_transpose_as(form_: str, x, kernel, strides: tuple[int, int], padding: str,
+                      mm=layers.row_major_matmul):
   """lax.conv_transpose(x, kernel, strides, padding) in form_, one of FORMS:
   patches and forward run one stride-1 convolution per output phase and
-  interleave them; scatter places each input's taps at its strides."""
+  interleave them; scatter places each input's taps at its strides (`mm`: the
+  matmul of the patches and scatter forms)."""
   if form_ == "xla":
     return lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
   pads = tuple(_transpose_pads(k, s, padding) for k, s in zip(kernel.shape[:2], strides))
   if form_ == "scatter":
-    return scatter_matmul(x, kernel, (1, 1), pads, dilation=strides)
-  conv1 = forward_conv if form_ == "forward" else patches_matmul
-  return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: conv1(v, k, (1, 1), p))
+    return scatter_matmul(x, kernel, (1, 1), pads, dilation=strides, mm=mm)
+  if form_ == "forward":
+    return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: forward_conv(v, k, (1, 1), p))
+  return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: patches_matmul(v, k, (1, 1), p, mm))
 
 
 class Conv(nn.Module):

@@ -33,14 +33,20 @@ TARGET = "genflax_onednn_matmul"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_matmul.cc")
 
 
-def cpu_has_bf16_units() -> bool:
-  """Whether this CPU has AVX512-BF16 or AMX-BF16 (Linux's /proc/cpuinfo flags)."""
+def cpu_bf16_units() -> str:
+  """This CPU's bfloat16 units: "amx" (AMX-BF16 tiles), "avx512_bf16", or "" for
+  neither (Linux's /proc/cpuinfo flags)."""
   try:
     with open("/proc/cpuinfo") as f:
       flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
   except OSError:
-    return False
-  return "avx512_bf16" in flags or "amx_bf16" in flags
+    return ""
+  return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else ""
+
+
+def cpu_has_bf16_units() -> bool:
+  """Whether this CPU has AVX512-BF16 or AMX-BF16."""
+  return bool(cpu_bf16_units())
 
 
 def cache_dir() -> str:
@@ -107,6 +113,10 @@ def _call(a, b, m: int, n: int, transpose_a: bool = False, transpose_b: bool = F
       a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
 
+# x @ w and its two transposed forms, each with a VJP in the three: so a gradient
+# of a gradient (a GAN's R1 penalty) stays on oneDNN, and no operand is transposed
+# in memory (the handler reads either operand transposed in place).
+
 @jax.custom_vjp
 def matmul(x, w):
   """x [..., K] @ w [K, N] -> [..., N], all bfloat16, on oneDNN (unavailable() is None)."""
@@ -114,18 +124,38 @@ def matmul(x, w):
   return _call(x, w, rows, w.shape[1]).reshape(*x.shape[:-1], w.shape[1])
 
 
-def _fwd(x, w):
-  return matmul(x, w), (x, w)
+@jax.custom_vjp
+def matmul_nt(a, b):
+  """a [M, K] @ b[N, K]^T -> [M, N] in bfloat16 on oneDNN."""
+  return _call(a, b, a.shape[0], b.shape[0], transpose_b=True)
 
 
-def _bwd(residuals, dy):
+@jax.custom_vjp
+def matmul_tn(a, b):
+  """a [M, K]^T @ b [M, N] -> [K, N] in bfloat16 on oneDNN."""
+  return _call(a, b, a.shape[1], b.shape[1], transpose_a=True)
+
+
+def _bwd(residuals, dy):  # x @ w
   x, w = residuals
   k, n = w.shape
   rows = x.size // k
+  dy = dy.astype(jnp.bfloat16).reshape(rows, n)
+  return matmul_nt(dy, w).reshape(x.shape), matmul_tn(x.reshape(rows, k), dy)
+
+
+def _nt_bwd(residuals, dy):  # a @ b^T
+  a, b = residuals
   dy = dy.astype(jnp.bfloat16)
-  dx = _call(dy, w, rows, k, transpose_b=True).reshape(x.shape)          # dy w^T
-  dw = _call(x.reshape(rows, k), dy.reshape(rows, n), k, n, transpose_a=True)  # x^T dy
-  return dx, dw
+  return matmul(dy, b), matmul_tn(dy, a)
 
 
-matmul.defvjp(_fwd, _bwd)
+def _tn_bwd(residuals, dy):  # a^T @ b
+  a, b = residuals
+  dy = dy.astype(jnp.bfloat16)
+  return matmul_nt(b, dy), matmul(a, dy)
+
+
+matmul.defvjp(lambda x, w: (matmul(x, w), (x, w)), _bwd)
+matmul_nt.defvjp(lambda a, b: (matmul_nt(a, b), (a, b)), _nt_bwd)
+matmul_tn.defvjp(lambda a, b: (matmul_tn(a, b), (a, b)), _tn_bwd)

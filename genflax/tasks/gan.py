@@ -22,6 +22,7 @@ Conditional models feed G's fakes the labels of the real batch, so fake
 labels follow the data's class frequencies.
 """
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -51,7 +52,7 @@ class Generator(nn.Module):
   num_classes: int           # 0: unconditional
   dtype: jnp.dtype = jnp.float32        # compute (mixed precision: genflax/models/layers.py)
   param_dtype: jnp.dtype = jnp.float32
-  conv: str = "xla"                     # xla | matmul (genflax/models/conv.py)
+  conv: str = "xla"                     # xla | matmul | ... (genflax/models/conv.py)
   norm: str = "none"                    # none | batch: after every layer but the last
 
   @nn.compact
@@ -65,20 +66,21 @@ class Generator(nn.Module):
     # Adam a gradient of rounding noise to follow).
     hidden = dict(use_bias=not norm, **dtypes)
     act = lambda h: nn.relu(layers.BatchNorm(**dtypes)(h) if norm else h)
+    dense = functools.partial(nn.Dense, dot_general=conv.dense_dot_general(self.conv))
     h = z.astype(self.dtype)
     if y is not None:
       h = jnp.concatenate([h, nn.Embed(self.num_classes, z.shape[-1], **dtypes)(y)], -1)  # [B, 2Z]
     for width in self.hidden:
-      h = act(nn.Dense(width, **hidden)(h))
+      h = act(dense(width, **hidden)(h))
     if self.arch == "dcgan":
       s = 2 ** len(self.channels)  # one stride-2 transposed conv per entry
-      h = act(nn.Dense(h_img // s * w_img // s * self.channels[0], **hidden)(h))
+      h = act(dense(h_img // s * w_img // s * self.channels[0], **hidden)(h))
       h = h.reshape(b, h_img // s, w_img // s, self.channels[0])
       for ch in self.channels[1:]:
         h = act(conv.ConvTranspose(ch, (4, 4), 2, impl=self.conv, **hidden)(h))  # doubles H, W
       h = conv.ConvTranspose(c_img, (4, 4), 2, impl=self.conv, **dtypes)(h)          # [B, H, W, C]
     else:
-      h = nn.Dense(h_img * w_img * c_img, **dtypes)(h).reshape(b, h_img, w_img, c_img)
+      h = dense(h_img * w_img * c_img, **dtypes)(h).reshape(b, h_img, w_img, c_img)
     return jnp.tanh(h.astype(jnp.float32))
 
 
@@ -104,6 +106,7 @@ class Discriminator(nn.Module):
 
     b, h_img, w_img, _ = x.shape
     dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = functools.partial(nn.Dense, dot_general=conv.dense_dot_general(self.conv))
     h = x.astype(self.dtype)
     if y is not None and self.conditioning == "concat":  # labels as constant channels
       planes = jax.nn.one_hot(y, self.num_classes, dtype=self.dtype)[:, None, None, :]
@@ -115,8 +118,8 @@ class Discriminator(nn.Module):
       h = layers.minibatch_std(h)
     h = h.reshape(b, -1)
     for width in self.hidden:
-      h = nn.leaky_relu(layer(nn.Dense(width, **dtypes), h), 0.2)                  # [B, F]
-    out = layer(nn.Dense(1, **dtypes), h)[:, 0].astype(jnp.float32)
+      h = nn.leaky_relu(layer(dense(width, **dtypes), h), 0.2)                     # [B, F]
+    out = layer(dense(1, **dtypes), h)[:, 0].astype(jnp.float32)
     if y is not None and self.conditioning == "projection":  # Miyato & Koyama 2018
       embed = nn.Embed(self.num_classes, h.shape[-1], **dtypes)(y)
       out = out + jnp.sum((embed * h).astype(jnp.float32), -1)
