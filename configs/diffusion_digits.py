@@ -32,8 +32,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       patch=1,                     # the levels run on patch x patch patches (space to depth)
       conditional="conditional" in variants,
       label_dropout=0.1,           # conditional: share of labels dropped (for guidance)
-      conv="auto",                 # auto | xla | matmul (auto: matmul on CPU; genflax/models/conv.py)
-      dtype="float32",             # compute: float32 | bfloat16 (params, losses stay float32)
+      conv="auto",                 # auto | xla | matmul | forward | onednn (genflax/models/conv.py;
+      #                              auto: genflax/platform.py)
+      dtype="float32",             # compute: float32 | bfloat16 | auto (params, losses stay float32;
+      #                              auto: the faster here, genflax/platform.py)
       param_dtype="float32",       # parameters, optimizer state and the EMA
   ))
   c.loss = ml_collections.ConfigDict(dict(

@@ -39,8 +39,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       spectral_norm="sn" in variants,
       g_norm="none",               # none | batch: G's batch norm (the batch's own statistics)
       d_minibatch_std=False,       # D sees its batch's feature std (ProGAN's minibatch std)
-      conv="auto",                 # auto | xla | matmul (auto: matmul on CPU; genflax/models/conv.py)
-      dtype="float32",             # compute: float32 | bfloat16 (params, losses stay float32)
+      conv="auto",                 # auto | xla | matmul | forward | onednn (genflax/models/conv.py;
+      #                              auto: genflax/platform.py)
+      dtype="float32",             # compute: float32 | bfloat16 | auto (params, losses stay float32;
+      #                              auto: the faster here, genflax/platform.py)
       param_dtype="float32",       # parameters, optimizer state and the EMA generator
   ))
   c.loss = ml_collections.ConfigDict(dict(

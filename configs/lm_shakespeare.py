@@ -46,7 +46,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # auto: einsum on CPU, dot_product_attention elsewhere (genflax/platform.py).
       attention="auto",
       dense_grads="auto",          # auto | xla | row_major | onednn (auto: row_major on CPU; genflax/models/layers.py)
-      dtype="float32",             # compute: float32 | bfloat16 (params, losses, softmax stay float32)
+      dtype="float32",             # compute: float32 | bfloat16 | auto (params, losses, softmax stay
+      #                              float32; auto: the faster here, genflax/platform.py)
       param_dtype="float32",       # parameters and optimizer state
       # The KV-cache decode's compute: auto | float32 | bfloat16. auto: float32 on CPU
       # (XLA:CPU has no bfloat16 one-row matmul), dtype elsewhere (genflax/platform.py).

@@ -33,8 +33,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       beta=1.0,                    # weight of the KL term (beta-VAE)
       conditional=False,           # labels into encoder and decoder
       dense_grads="auto",          # auto | xla | row_major | onednn (auto: row_major on CPU; genflax/models/layers.py)
-      conv="auto",                 # auto | xla | matmul (auto: matmul on CPU; genflax/models/conv.py)
-      dtype="float32",             # compute: float32 | bfloat16 (params, likelihoods stay float32)
+      conv="auto",                 # auto | xla | matmul | forward | onednn (genflax/models/conv.py;
+      #                              auto: genflax/platform.py)
+      dtype="float32",             # compute: float32 | bfloat16 | auto (params, likelihoods stay
+      #                              float32; auto: the faster here, genflax/platform.py)
       param_dtype="float32",       # parameters and optimizer state
   ))
   # 1,437 training images: the test bound is best near 1-2k steps and worsens

@@ -108,7 +108,8 @@ def config(c, task) -> None:
   integer(c, "mesh.dcn_fsdp", 1)
   integer(c, "cpu_devices", -1)
   one_of(c, "host_malloc", hostmem.CHOICES)
-  one_of(c, "model.dtype", layers.DTYPES)        # every family's modules take both
+  one_of(c, "model.dtype", ("auto", *layers.DTYPES))  # every family's modules take both;
+  # auto: the one measured faster for the family on this machine (genflax/platform.py)
   one_of(c, "model.param_dtype", layers.DTYPES)
   for rule in c.sharding_rules:
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):

@@ -60,6 +60,29 @@ def decode_dtype(backend: str, dtype: str) -> str:
   return "float32" if backend == "cpu" else dtype
 
 
+# model.dtype=auto: for each (machine, family), the fewest parameters from which
+# the family's train step measured faster in bfloat16 than in float32 on that kind
+# of machine, alternated in one sitting (benchmarks/README.md, "model.dtype=auto").
+# "cpu_amx": a CPU with AMX tiles, bfloat16 dense layers on oneDNN
+# (model.dense_grads=onednn). Where no row shows bfloat16 ahead (another CPU, a GPU,
+# or a family whose time is in convolutions, which XLA:CPU runs without the bfloat16
+# units) auto is float32.
+BF16_FROM_PARAMS = {
+    # The baby LM (10.8M) stepped in 3,824-3,851 ms in bfloat16 against 6,264-6,577
+    # in float32; the nano LM (0.8M) was level (31.0-33.1 against 28.3-31.5 ms).
+    ("cpu_amx", "lm"): 10_000_000,
+}
+
+
+def compute_dtype(backend: str, family: str, num_params: int, bf16_units: str = "") -> str:
+  """model.dtype=auto: "bfloat16" where `family`'s step measured faster in it on this
+  kind of machine at this size (BF16_FROM_PARAMS), else "float32". bf16_units: the
+  CPU's bfloat16 units that oneDNN drives here ("amx", "avx512_bf16" or "")."""
+  machine = f"cpu_{bf16_units}" if backend == "cpu" and bf16_units else backend
+  least = BF16_FROM_PARAMS.get((machine, family))
+  return "bfloat16" if least is not None and num_params >= least else "float32"
+
+
 def attention(backend: str) -> str:
   """model.attention=auto (genflax/models/transformer.py)."""
   return "einsum" if backend == "cpu" else "dot_product_attention"
@@ -71,26 +94,44 @@ def attention(backend: str) -> str:
 FORWARD_CONV_MIN_SIZE = 16
 
 
-def conv(backend: str, image_hw: tuple[int, int] = (0, 0)) -> str:
-  """model.conv=auto (genflax/models/conv.py) for images of image_hw (H, W)."""
+# A bfloat16 run's convolutions as oneDNN matmuls (model.conv=onednn) where oneDNN
+# drives the CPU's bfloat16 units, for the families whose bfloat16 steps that made
+# faster than XLA's bfloat16 convolutions: the 28x28 DCGAN 255 -> 192 ms, the
+# Fashion-MNIST U-Net 982 -> 836 ms; the conv VAE's narrower convolutions went
+# 84 -> 95 ms, so it keeps `forward` (benchmarks/README.md).
+ONEDNN_CONV_FAMILIES = ("gan", "diffusion")
+
+
+def conv(backend: str, image_hw: tuple[int, int] = (0, 0), bf16_onednn: bool = False) -> str:
+  """model.conv=auto (genflax/models/conv.py) for images of image_hw (H, W);
+  bf16_onednn: a bfloat16 run of a family in ONEDNN_CONV_FAMILIES where oneDNN
+  drives the CPU's bfloat16 units, whose convolutions' matmuls go there."""
   if backend != "cpu":
     return "xla"
+  if bf16_onednn:
+    return "onednn"
   return "forward" if min(image_hw) >= FORWARD_CONV_MIN_SIZE else "matmul"
 
 
 def choices(config, backend: str, mesh_shape: dict, num_params: int,
             allowed_allreduces=optim.GRAD_ALLREDUCES, image_hw=(0, 0),
-            bf16_matmul: bool = False) -> dict:
-  """{key: value} for each `auto` key of `config` on this machine. bf16_matmul:
-  whether oneDNN's bfloat16 matmul runs here on bfloat16 units (bf16_matmul_here)."""
-  bf16 = bf16_matmul and config.get("model", {}).get("dtype") == "bfloat16"
+            bf16_units: str = "") -> dict:
+  """{key: value} for each `auto` key of `config` on this machine. bf16_units: the
+  CPU's bfloat16 units on which oneDNN's bfloat16 matmul runs here ("amx",
+  "avx512_bf16"; "" for none: bf16_units_here)."""
+  dtype = config.get("model", {}).get("dtype", "float32")
+  if dtype == "auto":
+    dtype = compute_dtype(backend, config.get("task", ""), num_params, bf16_units)
+  bf16 = bool(bf16_units) and dtype == "bfloat16"
   rules = {
+      "model.dtype": lambda: dtype,
       "train.grad_allreduce": lambda: grad_allreduce(backend, mesh_shape, num_params,
                                                      allowed_allreduces),
       "model.dense_grads": lambda: dense_grads(backend, bf16),
       "model.attention": lambda: attention(backend),
-      "model.decode_dtype": lambda: decode_dtype(backend, config.model.get("dtype", "float32")),
-      "model.conv": lambda: conv(backend, image_hw),
+      "model.decode_dtype": lambda: decode_dtype(backend, dtype),
+      "model.conv": lambda: conv(backend, image_hw,
+                                 bf16 and config.get("task") in ONEDNN_CONV_FAMILIES),
   }
   out = {}
   for key, rule in rules.items():
@@ -100,16 +141,19 @@ def choices(config, backend: str, mesh_shape: dict, num_params: int,
   return out
 
 
-def bf16_matmul_here(config) -> bool:
-  """Whether a bfloat16 run's dense layers would be faster on oneDNN here: a CPU
-  backend, AVX512-BF16 or AMX, and the oneDNN matmul built (genflax/models/onednn.py;
-  only tried for a config that computes in bfloat16 and leaves the choice to auto)."""
+def bf16_units_here(config) -> str:
+  """The CPU's bfloat16 units ("amx" or "avx512_bf16") where a bfloat16 run's dense
+  layers could go to oneDNN here: a CPU backend, those units, and the oneDNN matmul
+  built (genflax/models/onednn.py); "" otherwise. Only looked for where the config
+  leaves a choice that depends on it to auto (model.dtype, model.dense_grads,
+  model.conv)."""
   model = config.get("model", {})
-  if (jax.default_backend() != "cpu" or model.get("dtype") != "bfloat16"
-      or model.get("dense_grads") != "auto"):
-    return False
+  if (jax.default_backend() != "cpu" or model.get("dtype") not in ("bfloat16", "auto")
+      or "auto" not in (model.get("dtype"), model.get("dense_grads"), model.get("conv"))):
+    return ""
   from genflax.models import onednn  # pylint: disable=g-import-not-at-top
-  return onednn.cpu_has_bf16_units() and onednn.unavailable() is None
+  units = onednn.cpu_bf16_units()
+  return units if units and onednn.unavailable() is None else ""
 
 
 def resolve(config, values: dict) -> ml_collections.ConfigDict:

@@ -389,20 +389,21 @@ def build(config, workdir: str, task=None, mesh=None) -> Run:
 def resolve(config, task, info, mesh):
   """(config with its `auto` values chosen for this backend and mesh, the choices).
 
-  train.grad_allreduce's choice depends on the model's size, counted from
-  the shapes of a provisional state (genflax/platform.py).
+  train.grad_allreduce's and model.dtype's choices depend on the model's size,
+  counted from the shapes of a provisional state (genflax/platform.py).
   """
   backend, shape = jax.default_backend(), dict(mesh.shape)
   allowed = getattr(task, "GRAD_ALLREDUCES", optim.GRAD_ALLREDUCES)
   image_hw = tuple(info.image_shape[:2]) if getattr(info, "image_shape", None) else (0, 0)
-  bf16_matmul = platform.bf16_matmul_here(config)
-  values = platform.choices(config, backend, shape, 0, allowed, image_hw, bf16_matmul)
-  if values.get("train.grad_allreduce", "per_param") != "per_param":
-    provisional = task.build(platform.resolve(config, {**values,
+  bf16_units = platform.bf16_units_here(config)
+  values = platform.choices(config, backend, shape, 0, allowed, image_hw, bf16_units)
+  if (values.get("train.grad_allreduce", "per_param") != "per_param"
+      or config.model.get("dtype") == "auto"):
+    provisional = task.build(platform.resolve(config, {**values,  # model.dtype: float32
                                                        "train.grad_allreduce": "per_param"}), info)
     shapes = jax.eval_shape(lambda key: task.init(provisional, key), jax.random.PRNGKey(0))
     values = platform.choices(config, backend, shape, platform.count(shapes["params"]), allowed,
-                              image_hw, bf16_matmul)
+                              image_hw, bf16_units)
   return (platform.resolve(config, values) if values else config), values
 
 

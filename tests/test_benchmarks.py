@@ -54,7 +54,7 @@ def test_hot_loop_runs_a_config_on_the_devices_main_gives_it(tmp_path):
   assert results["devices"] == cores
   assert results["grad_allreduce"] == ("reduce_scatter" if cores > 1 else "per_param")
   # Where oneDNN drives the CPU's bfloat16 units, the dense layers go there (platform.py).
-  onednn = platform.bf16_matmul_here(helpers.config("lm_shakespeare", "smoke",
+  onednn = platform.bf16_units_here(helpers.config("lm_shakespeare", "smoke",
                                                     **{"model.dtype": "bfloat16"}))
   assert (results["attention"], results["dense_grads"]) == (
       "einsum", "onednn" if onednn else "row_major")

@@ -61,12 +61,12 @@ def test_auto_values_of_the_lm_config_on_each_backend():
   # bfloat16 on a CPU whose bfloat16 units oneDNN drives: the dense layers go there;
   # float32, or a machine without them, or a GPU, as before.
   bf16 = helpers.config("lm_shakespeare", "", **{"model.dtype": "bfloat16"})
-  assert platform.choices(bf16, "cpu", dict(data=2), NANO, bf16_matmul=True)[
+  assert platform.choices(bf16, "cpu", dict(data=2), NANO, bf16_units="amx")[
       "model.dense_grads"] == "onednn"
   assert platform.choices(bf16, "cpu", dict(data=2), NANO)["model.dense_grads"] == "row_major"
-  assert platform.choices(config, "cpu", dict(data=2), NANO, bf16_matmul=True)[
+  assert platform.choices(config, "cpu", dict(data=2), NANO, bf16_units="amx")[
       "model.dense_grads"] == "row_major"
-  assert platform.choices(bf16, "gpu", dict(data=2), NANO, bf16_matmul=True)[
+  assert platform.choices(bf16, "gpu", dict(data=2), NANO, bf16_units="amx")[
       "model.dense_grads"] == "xla"
   # A bfloat16 model decodes in float32 on CPU (no bfloat16 one-row matmul there),
   # in bfloat16 on accelerators.
@@ -95,6 +95,58 @@ def test_trainer_counts_the_model_to_choose_the_allreduce(arg, mesh, want):
   resolved, values = trainer.resolve(config, lm, _info(), sharding.make_mesh(config.mesh))
   assert values["train.grad_allreduce"] == want == resolved.train.grad_allreduce
   optim.check_grad_allreduce(resolved.train, sharding.make_mesh(config.mesh))  # it fits
+
+
+def test_model_dtype_auto_is_bfloat16_only_where_a_row_measured_it_faster(monkeypatch):
+  """model.dtype=auto follows BF16_FROM_PARAMS: bfloat16 for a family from its
+  measured size up on the machine measured (and then oneDNN's dense layers and
+  a float32 decode on CPU), float32 anywhere else; an explicit dtype is kept."""
+  monkeypatch.setattr(platform, "BF16_FROM_PARAMS", {("cpu_amx", "lm"): 4_000_000})
+  auto = helpers.config("lm_shakespeare", "", **{"model.dtype": "auto"})
+  baby = platform.choices(auto, "cpu", dict(data=2), BABY, bf16_units="amx")
+  assert {k: baby[k] for k in ("model.dtype", "model.dense_grads", "model.decode_dtype")} == {
+      "model.dtype": "bfloat16", "model.dense_grads": "onednn", "model.decode_dtype": "float32"}
+  nano = platform.choices(auto, "cpu", dict(data=2), NANO, bf16_units="amx")
+  assert (nano["model.dtype"], nano["model.dense_grads"]) == ("float32", "row_major")
+  for backend, units in (("cpu", "avx512_bf16"), ("cpu", ""), ("gpu", ""), ("tpu", "")):
+    assert platform.choices(auto, backend, dict(data=2), BABY,
+                            bf16_units=units)["model.dtype"] == "float32", (backend, units)
+  vae = helpers.config("vae_digits", "", **{"model.dtype": "auto"})
+  assert platform.choices(vae, "cpu", dict(data=1), BABY, bf16_units="amx")[
+      "model.dtype"] == "float32"  # no row for this family
+  assert "model.dtype" not in platform.choices(helpers.config("lm_shakespeare", ""), "cpu",
+                                               dict(data=2), BABY, bf16_units="amx")
+  for (machine, family), least in platform.BF16_FROM_PARAMS.items():
+    assert machine in ("cpu_amx", "cpu_avx512_bf16", "gpu", "tpu") and least >= 0
+    assert family in ("gan", "vae", "lm", "diffusion")
+
+
+def test_bfloat16_convolutions_go_to_onednn_for_the_families_measured_faster_there():
+  """model.conv=auto in a bfloat16 run on a CPU whose bfloat16 units oneDNN drives:
+  the GAN's and the U-Net's convolutions as oneDNN matmuls; the VAE's, float32
+  runs, other CPUs and GPUs as before."""
+  def conv_of(name, dtype, backend="cpu", units="amx"):
+    config = helpers.config(name, "", **{"model.dtype": dtype})
+    return platform.choices(config, backend, dict(data=1), NANO, ("per_param",), (28, 28),
+                            bf16_units=units)["model.conv"]
+  assert conv_of("gan_digits", "bfloat16") == conv_of("diffusion_digits", "bfloat16") == "onednn"
+  assert conv_of("vae_digits", "bfloat16") == "forward"
+  assert conv_of("gan_digits", "float32") == conv_of("gan_digits", "bfloat16", units="") == "forward"
+  assert conv_of("gan_digits", "bfloat16", "gpu") == "xla"
+
+
+def test_the_trainer_resolves_model_dtype_auto_by_the_models_size():
+  """trainer.resolve counts the model before choosing its dtype: the same
+  config file is float32 at nano's size and bfloat16 at baby's where the rule
+  says so for this machine."""
+  units = platform.bf16_units_here(helpers.config("lm_shakespeare", "",
+                                                  **{"model.dtype": "auto"}))
+  for arg, size in (("", NANO), ("baby", BABY)):
+    config = helpers.config("lm_shakespeare", arg, **{"model.dtype": "auto", "mesh.data": 1})
+    resolved, values = trainer.resolve(config, lm, _info(), sharding.make_mesh(config.mesh))
+    want = platform.compute_dtype(jax.default_backend(), "lm", size, units)
+    assert values["model.dtype"] == resolved.model.dtype == want, arg
+    assert (resolved.model.dense_grads == "onednn") == (want == "bfloat16" and bool(units))
 
 
 def test_batch_that_does_not_divide_the_devices_names_the_nearest_sizes():
