@@ -65,8 +65,8 @@ def decode_dtype(backend: str, dtype: str) -> str:
 # of machine, alternated in one sitting (benchmarks/README.md, "model.dtype=auto").
 # "cpu_amx": a CPU with AMX tiles, bfloat16 dense layers on oneDNN
 # (model.dense_grads=onednn). Where no row shows bfloat16 ahead (another CPU, a GPU,
-# or a family whose time is in convolutions, which XLA:CPU runs without the bfloat16
-# units) auto is float32.
+# the image families, whose bfloat16 steps stayed 7-44% slower even with their
+# convolutions on oneDNN) auto is float32.
 BF16_FROM_PARAMS = {
     # The baby LM (10.8M) stepped in 3,824-3,851 ms in bfloat16 against 6,264-6,577
     # in float32; the nano LM (0.8M) was level (31.0-33.1 against 28.3-31.5 ms).
