@@ -118,6 +118,15 @@ def _taps(xp, kh: int, kw: int, strides, out_hw):
           for i in range(kh) for j in range(kw)]
 
 
+def _moved(x):
+  """x in float32 where it is a narrower float: the matmul forms pad, slice, gather
+  and add in float32 and round to the compute dtype only at the matmul. XLA:CPU has
+  no bfloat16 pad, concatenate or add; it runs each in float32 between two
+  conversions, and the transposed gather (kh kw padded adds) became a chain of
+  rounding conversions that took a third of a bfloat16 DCGAN step."""
+  return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+
+
 def _pad(x, pads):
   """x [B, H, W, C] padded (negative: cropped) by pads ((top, bottom), (left, right))."""
   (ph0, ph1), (pw0, pw1) = pads
@@ -130,17 +139,18 @@ def _out_hw(hp: int, wp: int, kernel_hw, strides) -> tuple[int, int]:
 
 
 def patches_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, int]],
-                   mm=layers.row_major_matmul):
+                   mm=layers.row_major_matmul, dtype=None):
   """lax.conv_general_dilated(x, kernel, strides, pads) for x [B, H, W, C] and
   kernel [kh, kw, C, O], as im2col: the kh * kw strided slices of the padded
   input side by side [B * Ho * Wo, kh * kw * C] times kernel [kh * kw * C, O]
-  (by `mm`, a matmul as `matmul_of` gives)."""
+  (by `mm`, a matmul as `matmul_of` gives, in `dtype`: x's by default)."""
+  dtype = dtype or x.dtype
   b, kh, kw, c, o = x.shape[0], *kernel.shape
-  xp = _pad(x, pads)
+  xp = _pad(_moved(x), pads)
   ho, wo = _out_hw(*xp.shape[1:3], (kh, kw), strides)
   taps = _taps(xp, kh, kw, strides, (ho, wo))
   cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, -1)  # [B, Ho, Wo, kh kw C]
-  out = mm(cols.reshape(-1, kh * kw * c), kernel.reshape(-1, o))
+  out = mm(cols.reshape(-1, kh * kw * c).astype(dtype), kernel.reshape(-1, o).astype(dtype))
   return out.reshape(b, ho, wo, o)
 
 
@@ -160,7 +170,7 @@ def scatter_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, 
   (ph0, ph1), (pw0, pw1) = pads
   ho, wo = _out_hw(hd + ph0 + ph1, wd + pw0 + pw1, (kh, kw), strides)
   lh, lw = sh * (ho - 1) + 1, sw * (wo - 1) + 1  # the outputs' span before striding
-  z = mm(x.reshape(-1, c), kernel.transpose(2, 0, 1, 3).reshape(c, -1))
+  z = _moved(mm(x.reshape(-1, c), kernel.transpose(2, 0, 1, 3).reshape(c, -1)))
   # One split (not kh kw slices): its gradient is one concatenate, not kh kw padded adds.
   taps = jnp.split(z.reshape(b, h, w, kh * kw, o), kh * kw, axis=3)
   y = 0
@@ -170,7 +180,7 @@ def scatter_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, 
       y = y + lax.pad(taps[i * kw + j].reshape(b, h, w, o), jnp.zeros((), z.dtype),
                       ((0, 0, 0), (low_h, lh - low_h - hd, dh - 1),
                        (low_w, lw - low_w - wd, dw - 1), (0, 0, 0)))
-  return y[:, ::sh, ::sw]
+  return y[:, ::sh, ::sw].astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -196,8 +206,7 @@ def _forward_conv_bwd(strides, pads, residuals, dy):
   back = [(k - 1, n - (m - 1) * s - 1) for n, m, k, s in ((hp, ho, kh, strides[0]),
                                                              (wp, wo, kw, strides[1]))]
   flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)  # [kh, kw, O, C]
-  dxp = lhs_dilated(dy, flipped, strides, back,
-                    lambda v, k, p: forward_conv(v, k, (1, 1), p))[:, :hp, :wp]
+  dxp = lhs_dilated(dy, flipped, strides, back, _forward_conv1(dy.dtype))[:, :hp, :wp]
   dx = _pad(dxp, [(-lo, -hi) for lo, hi in pads])  # undo the padding (or cropping) of x
   dyt = lax.optimization_barrier(dy.reshape(-1, o).T)  # [O, B Ho Wo], once for every tap
   dw = jnp.stack([dyt @ tap.reshape(-1, c) for tap in _taps(xp, kh, kw, strides, (ho, wo))])
@@ -205,6 +214,11 @@ def _forward_conv_bwd(strides, pads, residuals, dy):
 
 
 forward_conv.defvjp(_forward_conv_fwd, _forward_conv_bwd)
+
+
+def _forward_conv1(dtype):
+  """lhs_dilated's stride-1 convolution as forward_conv, in dtype."""
+  return lambda v, k, p: forward_conv(v.astype(dtype), k.astype(dtype), (1, 1), p)
 
 
 def conv(x, kernel, strides, padding: str, impl: str):
@@ -263,8 +277,11 @@ def _dilated_out(n: int, k: int, s: int, pads: tuple[int, int]) -> tuple[int, in
 def lhs_dilated(x, kernel, strides, pads, conv1):
   """lax.conv_general_dilated(x, kernel, 1, pads, lhs_dilation=strides) as
   s x s stride-1 convolutions conv1(x, sub-kernel, pads), one per output phase,
-  interleaved: no multiply-add touches the zeros of the dilated input."""
+  interleaved: no multiply-add touches the zeros of the dilated input. conv1
+  gets x and the kernel in float32 where they are narrower (`_moved`), so the
+  phases' gradients add up in float32, and computes in the dtype it was made for."""
   b, h, w, _ = x.shape
+  dtype, x, kernel = x.dtype, _moved(x), _moved(kernel)
   kh, kw, _, o = kernel.shape
   sh, sw = strides
   (out_h, ph), (out_w, pw) = (_dilated_out(n, k, s, p)
@@ -279,10 +296,10 @@ def lhs_dilated(x, kernel, strides, pads, conv1):
         row.append(jnp.zeros((b, ph, pw, o), x.dtype))
         continue
       sub = kernel[t0h::sh, t0w::sw][:nh, :nw]
-      row.append(conv1(x, sub, (padh, padw)))                    # [B, ph, pw, O]
+      row.append(_moved(conv1(x, sub, (padh, padw))))            # [B, ph, pw, O]
     rows.append(jnp.stack(row, 3))                               # [B, ph, pw, sw, O]
   y = jnp.stack(rows, 2)                                         # [B, ph, sh, pw, sw, O]
-  return y.reshape(b, ph * sh, pw * sw, o)[:, :out_h, :out_w]
+  return y.reshape(b, ph * sh, pw * sw, o)[:, :out_h, :out_w].astype(dtype)
 
 
 def matmul_shapes(x_shape, kernel_shape, strides, padding: str,
@@ -328,8 +345,9 @@ def conv_transpose_as(form_: str, x, kernel, strides: tuple[int, int], padding: 
   if form_ == "scatter":
     return scatter_matmul(x, kernel, (1, 1), pads, dilation=strides, mm=mm)
   if form_ == "forward":
-    return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: forward_conv(v, k, (1, 1), p))
-  return lhs_dilated(x, kernel, strides, pads, lambda v, k, p: patches_matmul(v, k, (1, 1), p, mm))
+    return lhs_dilated(x, kernel, strides, pads, _forward_conv1(x.dtype))
+  return lhs_dilated(x, kernel, strides, pads,
+                     lambda v, k, p: patches_matmul(v, k, (1, 1), p, mm, x.dtype))
 
 
 class Conv(nn.Module):
