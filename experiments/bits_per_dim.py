@@ -13,10 +13,19 @@ the rows share their images, so it says which differences are larger than the
 noise. Every bound draws its dequantisation noise and its probes from the same
 seeds.
 
+A VAE run scores its IWAE bound on the same images (`--bounds iwae:K`, K
+importance samples; genflax/tasks/vae.py), so a diffusion run and a VAE
+compare image by image:
+
+    python experiments/bits_per_dim.py runs/vae_conv28 --images 120 \
+        --bounds iwae:100 --save vae.npz
+    python experiments/bits_per_dim.py runs/diff28 --images 120 \
+        --bounds gaussian:0.005 --against vae.npz
+
 Two runs compare on the same images the same way: `--save a.npz` keeps one
 run's per-image values, and `--against a.npz` adds, under each of another
-run's bounds, its paired difference to the saved run's value for that bound
-(the same split, images and seed):
+run's bounds, its paired difference to the saved run's value for that bound,
+or to its only bound where it scored one (the same split, images and seed):
 
     python experiments/bits_per_dim.py runs/cdiff28 --images 120 \
         --bounds gaussian:0.005 --save cdiff28.npz
@@ -30,36 +39,71 @@ import jax
 import numpy as np
 
 from genflax import trainer
-from genflax.tasks import diffusion
+from genflax.tasks import diffusion, vae
 
 
 def parse_bound(text: str) -> tuple[str, float]:
-  kind, _, sigma = text.partition(":")
-  if kind not in diffusion.DEQUANTIZATIONS or (kind == "gaussian") != bool(sigma):
-    raise argparse.ArgumentTypeError(f"{text!r}: use uniform or gaussian:SIGMA")
-  value = float(sigma) if sigma else 0.0
-  if kind == "gaussian" and not 0 < value < 1:
+  kind, _, value = text.partition(":")
+  if kind == "iwae":
+    if not value.isdigit() or int(value) < 1:
+      raise argparse.ArgumentTypeError(f"{text!r}: use iwae:K with K >= 1 importance samples")
+    return kind, int(value)
+  if kind not in diffusion.DEQUANTIZATIONS or (kind == "gaussian") != bool(value):
+    raise argparse.ArgumentTypeError(f"{text!r}: use uniform, gaussian:SIGMA or iwae:K")
+  try:
+    number = float(value) if value else 0.0
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: SIGMA must be a number") from None
+  if kind == "gaussian" and not 0 < number < 1:
     raise argparse.ArgumentTypeError(f"{text!r}: SIGMA must be in (0, 1)")
-  return kind, value
+  return kind, number
+
+
+def vae_bits_per_dim(setup, params, test: dict, k: int, rng) -> np.ndarray:
+  """The IWAE bound on -log2 P(levels) per dimension [images] of a discretised
+  Gaussian VAE, k importance samples, a batch of eval.batch_size at a time."""
+  c = setup.config
+  chunk = min(k, c.eval.iwae_chunk)
+  if c.model.likelihood != "discretized_gaussian" or k % chunk:
+    raise SystemExit(f"iwae:{k} needs a discretised Gaussian VAE and K a multiple of its "
+                     f"eval.iwae_chunk ({c.eval.iwae_chunk}); this one's likelihood is "
+                     f"{c.model.likelihood}")
+  bound = jax.jit(lambda x, y, r: -vae.iwae_bound(setup, params, x, y, r, k))
+  dims = math.prod(setup.info.image_shape) * math.log(2)
+  out, n = [], len(test["image"])
+  for start in range(0, n, c.eval.batch_size):
+    batch = {key: v[start:start + c.eval.batch_size] for key, v in test.items()}
+    x, y = vae.inputs(setup, batch)
+    out.append(np.asarray(bound(x, y, jax.random.fold_in(rng, start))) / dims)
+  return np.concatenate(out)
 
 
 def table(workdir: str, bounds, images: int, split: str, probes: int, seed: int = 0):
   """The per-image bits/dim [len(bounds), images] of the run's EMA parameters."""
   task, setup, state, step = trainer.load_run(workdir)
-  if task is not diffusion:
-    raise SystemExit(f"{workdir} holds a {setup.config.task} run, not a diffusion one")
+  if task not in (diffusion, vae):
+    raise SystemExit(f"{workdir} holds a {setup.config.task} run, not a diffusion or VAE one")
+  iwae = [b for b in bounds if b[0] == "iwae"]
+  if iwae and task is not vae or task is vae and len(iwae) < len(bounds):
+    raise SystemExit(f"{workdir} is a {setup.config.task} run: a VAE takes iwae:K bounds, "
+                     "a diffusion run uniform and gaussian:SIGMA")
   c = setup.config
-  train, test, _ = diffusion.datasets(c, workdir)
+  train, test, _ = task.datasets(c, workdir)
   if split == "train":  # as many as asked, not the first (the files may be sorted)
     rows = np.random.RandomState(seed).permutation(len(train["image"]))[:images or None]
     test = {k: v[rows] for k, v in train.items()}
-  c.eval.nll_images, c.eval.nll_probes = images, probes
   out = []
-  for kind, sigma in bounds:
-    c.eval.nll_dequantization, c.eval.nll_sigma = kind, sigma
-    setup.cache.pop("nll", None)
-    out.append(diffusion.bits_per_dim(setup, state["ema"], test, jax.random.PRNGKey(seed)))
-    print(markdown_row(kind, sigma, out[-1], out[0]), flush=True)
+  for kind, value in bounds:
+    if task is vae:
+      subset = {key: v[:images or None] for key, v in test.items()}
+      out.append(vae_bits_per_dim(setup, state["params"], subset, value,
+                                  jax.random.PRNGKey(seed)))
+    else:
+      c.eval.nll_images, c.eval.nll_probes = images, probes
+      c.eval.nll_dequantization, c.eval.nll_sigma = kind, value
+      setup.cache.pop("nll", None)
+      out.append(diffusion.bits_per_dim(setup, state["ema"], test, jax.random.PRNGKey(seed)))
+    print(markdown_row(kind, value, out[-1], out[0]), flush=True)
   return np.stack(out), step
 
 
@@ -75,14 +119,15 @@ def against_row(bound, bpd: np.ndarray, saved, name: str) -> str:
   `bound` (a dict of np.load's arrays from --save)."""
   key = f"{bound[0]}:{bound[1]:g}"
   names = [str(b) for b in saved["bounds"]]
-  if key not in names:
+  if key not in names and len(names) > 1:
     raise SystemExit(f"--against {name} has no {key} bound (it has {', '.join(names)})")
-  other = saved["bpd"][names.index(key)]
+  there = key if key in names else names[0]
+  other = saved["bpd"][names.index(there)]
   if other.shape != bpd.shape:
     raise SystemExit(f"--against {name} scored {len(other)} images, this run {len(bpd)}: "
                      "use the same --images, --split and --seed")
   diff = bpd - other
-  return (f"| {key} against {name} | | {other.mean():.4f} +- "
+  return (f"| {key} against {there} of {name} | | {other.mean():.4f} +- "
           f"{other.std() / math.sqrt(len(other)):.4f} (there) | {diff.mean():+.4f} +- "
           f"{diff.std() / math.sqrt(len(diff)):.4f} |")
 

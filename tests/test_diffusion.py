@@ -1,6 +1,7 @@
 """The diffusion family: preconditioning, samplers against a Gaussian's exact solution,
 guidance, training, resume, devices, the sample CLI."""
 import functools
+import math
 import os
 import shutil
 import types
@@ -363,12 +364,49 @@ def test_bits_per_dim_compares_two_runs_image_by_image(conditional_runs, tmp_pat
   assert f"| gaussian | 0.05 | {values['bpd'][1].mean():.4f} +- " in first
   run("--images", "3", "--bounds", "gaussian:0.05", "--against", saved)
   against = capsys.readouterr().out.splitlines()[-1]
-  assert against.startswith(f"| gaussian:0.05 against {saved} | | ")
+  assert against.startswith(f"| gaussian:0.05 against gaussian:0.05 of {saved} | | ")
   assert against.endswith(" | +0.0000 +- 0.0000 |"), against
   with pytest.raises(SystemExit) as exit_:
     run("--images", "4", "--against", saved)
   assert exit_.value.code == 2
   assert "scored 3 test images with seed 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bits_per_dim_compares_a_diffusion_run_with_a_vae_image_by_image(
+    conditional_runs, tmp_path, monkeypatch, capsys):
+  """A VAE run's IWAE bound on the same images as a diffusion run's ODE bound:
+  more importance samples bound tighter, and the diffusion run's paired
+  difference to the VAE's values is the difference of the two tables' rows."""
+  script = helpers.load_script("experiments/bits_per_dim.py")
+  vae_dir, saved = str(tmp_path / "vae"), str(tmp_path / "vae.npz")
+  trainer.train(helpers.config("vae_digits", "smoke"), vae_dir)
+  run = lambda workdir, *args: (
+      monkeypatch.setattr("sys.argv", ["bits_per_dim.py", workdir, *args]), script.main())
+  run(vae_dir, "--images", "5", "--bounds", "iwae:1", "iwae:64", "--save", saved)
+  vae_bpd = np.load(saved)["bpd"]
+  capsys.readouterr()
+  assert vae_bpd.shape == (2, 5) and np.all(np.isfinite(vae_bpd))
+  # log p(x) >= IWAE_64 >= IWAE_1 on average; the smoke VAE's gap is wide.
+  assert vae_bpd[1].mean() < vae_bpd[0].mean() - 0.01, vae_bpd
+  diffusion_dir = conditional_runs[1][1]
+  run(diffusion_dir, "--images", "5", "--bounds", "gaussian:0.05", "--save",
+      str(tmp_path / "d.npz"))
+  ode = np.load(str(tmp_path / "d.npz"))["bpd"][0]
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:  # two bounds there: which one is ambiguous
+    run(diffusion_dir, "--images", "5", "--bounds", "gaussian:0.05", "--against", saved)
+  assert "has no gaussian:0.05 bound (it has iwae:1, iwae:64)" in str(exit_.value)
+  run(vae_dir, "--images", "5", "--bounds", "iwae:64", "--save", saved)
+  capsys.readouterr()
+  run(diffusion_dir, "--images", "5", "--bounds", "gaussian:0.05", "--against", saved)
+  row = capsys.readouterr().out.splitlines()[-1]
+  diff = ode - np.load(saved)["bpd"][0]
+  assert row.startswith(f"| gaussian:0.05 against iwae:64 of {saved} | | ")
+  assert row.endswith(f" | {diff.mean():+.4f} +- {diff.std() / math.sqrt(5):.4f} |"), row
+  with pytest.raises(SystemExit) as exit_:
+    run(vae_dir, "--images", "5", "--bounds", "gaussian:0.05")
+  assert "a VAE takes iwae:K bounds" in str(exit_.value)
 
 
 @pytest.mark.slow
