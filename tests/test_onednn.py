@@ -148,6 +148,36 @@ def test_convolutions_on_onednn_are_xlas_bfloat16_convolutions(transpose, form, 
     close(got, want)
 
 
+@pytest.mark.parametrize("x_shape, kernel_hw, strides, pads", [
+    ((2, 8, 8, 3), (4, 4), (2, 2), ((1, 2), (1, 2))),     # a GAN D's layer
+    ((2, 7, 9, 5), (3, 3), (1, 1), ((1, 1), (1, 1))),     # a U-Net's
+    ((1, 6, 7, 4), (3, 2), (2, 1), ((-1, 2), (0, -1))),   # cropped, unequal
+    ((3, 5, 5, 2), (2, 2), (3, 3), ((0, 0), (1, 0)))])    # a kernel smaller than its stride
+def test_patches_on_onednn_are_xlas_gather_to_the_bit(x_shape, kernel_hw, strides, pads):
+  """onednn.im2col gives the slices' concatenation exactly, and its gradients (col2im,
+  adding in float32 and rounding once), first and second order, those of the same
+  gather in float32 rounded to bfloat16."""
+  x = jax.random.normal(jax.random.PRNGKey(0), x_shape).astype(jnp.bfloat16)
+
+  def xla(x):
+    xp = conv._pad(x.astype(jnp.float32), pads)
+    out_hw = conv._out_hw(*xp.shape[1:3], kernel_hw, strides)
+    return jnp.concatenate(conv._taps(xp, *kernel_hw, strides, out_hw), -1).astype(jnp.bfloat16)
+
+  ours = lambda x: onednn.im2col(x, kernel_hw, strides, pads)
+  bits = lambda a: np.asarray(a).view(np.uint16)
+  assert ours(x).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(bits(ours(x)), bits(xla(x)))
+  c = jax.random.normal(jax.random.PRNGKey(1), xla(x).shape).astype(jnp.bfloat16)
+  first = lambda f: jax.grad(lambda x: jnp.sum((f(x) * c).astype(jnp.float32)))
+  second = lambda f: jax.grad(lambda x: jnp.sum(jnp.square(jax.grad(
+      lambda x: jnp.sum(jnp.tanh(f(x).astype(jnp.float32))))(x).astype(jnp.float32))))
+  for order in (first, second):
+    got, want = order(ours)(x), order(xla)(x)
+    assert got.dtype == jnp.bfloat16 and float(jnp.abs(want.astype(jnp.float32)).max()) > 0
+    np.testing.assert_array_equal(bits(got), bits(want))
+
+
 @pytest.mark.slow
 def test_a_bfloat16_dcgan_trains_the_same_on_onednn_as_with_matmul_convs(tmp_path):
   """The smoke DCGAN in bfloat16 with model.conv=onednn (its convolutions' and dense

@@ -14,7 +14,8 @@ padding, no kernel flip, as Flax's defaults). `impl` picks how:
   forward convolutions, one per output phase, as below;
 - `onednn`: `matmul`'s forms with oneDNN's bfloat16 matmuls
   (genflax/models/onednn.py) where both operands are bfloat16, on the CPU's
-  bfloat16 units (AVX512-BF16, AMX); row-major matmuls otherwise;
+  bfloat16 units (AVX512-BF16, AMX), the patches gathered (and their
+  gradient scattered back) by the same library; row-major matmuls otherwise;
 - `matmul`: the patches of the input gathered by slicing (im2col) and
   contracted with the kernel in one matmul; a transposed convolution of
   stride s as s x s stride-1 convolutions, one per output phase, whose
@@ -146,10 +147,14 @@ def patches_matmul(x, kernel, strides: Sequence[int], pads: Sequence[tuple[int, 
   (by `mm`, a matmul as `matmul_of` gives, in `dtype`: x's by default)."""
   dtype = dtype or x.dtype
   b, kh, kw, c, o = x.shape[0], *kernel.shape
-  xp = _pad(_moved(x), pads)
-  ho, wo = _out_hw(*xp.shape[1:3], (kh, kw), strides)
-  taps = _taps(xp, kh, kw, strides, (ho, wo))
-  cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, -1)  # [B, Ho, Wo, kh kw C]
+  if mm is onednn_matmul and dtype == jnp.bfloat16:  # gathered in bfloat16 by oneDNN's library
+    cols = onednn.im2col(x.astype(dtype), (kh, kw), tuple(strides), tuple(map(tuple, pads)))
+    ho, wo = cols.shape[1:3]
+  else:
+    xp = _pad(_moved(x), pads)
+    ho, wo = _out_hw(*xp.shape[1:3], (kh, kw), strides)
+    taps = _taps(xp, kh, kw, strides, (ho, wo))
+    cols = taps[0] if len(taps) == 1 else jnp.concatenate(taps, -1)  # [B, Ho, Wo, kh kw C]
   out = mm(cols.reshape(-1, kh * kw * c).astype(dtype), kernel.reshape(-1, o).astype(dtype))
   return out.reshape(b, ho, wo, o)
 

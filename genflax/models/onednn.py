@@ -8,7 +8,9 @@ XLA's own buffers, bfloat16 in and out with float32 accumulation, as XLA's
 bfloat16 dot. Its gradient is two more such calls (dy w^T and x^T dy, the
 transposes read in place). `nn.Dense` layers take it through
 `model.dense_grads=onednn` (genflax/models/layers.py); `auto` picks it where
-it pays (genflax/platform.py).
+it pays (genflax/platform.py). `im2col` and `col2im`, handlers of the same
+library, gather a bfloat16 convolution's patches and scatter their gradient
+back (`model.conv=onednn`, genflax/models/conv.py).
 
 The handler is compiled on first use (g++, about 30 s) against the installed
 PyTorch and jaxlib, into `$GENFLAX_CACHE` (default ~/.cache/genflax), keyed
@@ -28,8 +30,10 @@ import tempfile
 import filelock
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 TARGET = "genflax_onednn_matmul"
+IM2COL, COL2IM = "genflax_onednn_im2col", "genflax_onednn_col2im"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_matmul.cc")
 
 
@@ -65,8 +69,9 @@ def unavailable() -> str | None:
   try:
     path = _build(torch)
     lib = ctypes.CDLL(path)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GenflaxOnednnMatmul),
-                                platform="cpu")
+    for target, handler in ((TARGET, lib.GenflaxOnednnMatmul), (IM2COL, lib.GenflaxOnednnIm2col),
+                            (COL2IM, lib.GenflaxOnednnCol2im)):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
   return None
@@ -159,3 +164,49 @@ def _tn_bwd(residuals, dy):  # a^T @ b
 matmul.defvjp(lambda x, w: (matmul(x, w), (x, w)), _bwd)
 matmul_nt.defvjp(lambda a, b: (matmul_nt(a, b), (a, b)), _nt_bwd)
 matmul_tn.defvjp(lambda a, b: (matmul_tn(a, b), (a, b)), _tn_bwd)
+
+
+# A convolution's patches (im2col) and their adjoint, in bfloat16, by the same
+# library: XLA:CPU gathers patches element by element in float32 (a 3x3 layer's
+# gather took 20 times its oneDNN matmul, benchmarks/README.md). Each is the
+# other's VJP, so gradients of any order stay here.
+
+def _taps_call(target: str, operand, shape, kernel_hw, strides, pads):
+  why = unavailable()
+  if why is not None:
+    raise RuntimeError(f"the oneDNN patches cannot run here: {why}")
+  (kh, kw), (sh, sw), ((ph, _), (pw, _)) = kernel_hw, strides, pads
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.bfloat16))(
+      operand, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
+      pad_h=np.int64(ph), pad_w=np.int64(pw))
+
+
+def _patches_shape(x_shape, kernel_hw, strides, pads):
+  b, h, w, c = x_shape
+  ho, wo = ((n + lo + hi - k) // s + 1
+            for n, k, s, (lo, hi) in zip((h, w), kernel_hw, strides, pads))
+  return b, ho, wo, kernel_hw[0] * kernel_hw[1] * c
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def im2col(x, kernel_hw, strides, pads):
+  """The patches [B, Ho, Wo, kh kw C] (tap-major, as the kernel [kh, kw, C, O]
+  reshapes) of x [B, H, W, C] (bfloat16) for a convolution of kernel_hw,
+  strides and pads ((top, bottom), (left, right); negative crops)."""
+  return _taps_call(IM2COL, x, _patches_shape(x.shape, kernel_hw, strides, pads),
+                    kernel_hw, strides, pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def col2im(cols, x_shape, kernel_hw, strides, pads):
+  """im2col's adjoint: each patch value added (in float32) to the pixel of an
+  x_shape [B, H, W, C] image it came from, in bfloat16."""
+  return _taps_call(COL2IM, cols, tuple(x_shape), kernel_hw, strides, pads)
+
+
+im2col.defvjp(lambda x, *a: (im2col(x, *a), x.shape),
+              lambda kernel_hw, strides, pads, shape, dcols: (
+                  col2im(dcols.astype(jnp.bfloat16), shape, kernel_hw, strides, pads),))
+col2im.defvjp(lambda cols, *a: (col2im(cols, *a), None),
+              lambda x_shape, kernel_hw, strides, pads, _, dx: (
+                  im2col(dx.astype(jnp.bfloat16), kernel_hw, strides, pads),))
