@@ -64,13 +64,16 @@ def decode_dtype(backend: str, dtype: str) -> str:
 # the family's train step measured faster in bfloat16 than in float32 on that kind
 # of machine, alternated in one sitting (benchmarks/README.md, "model.dtype=auto").
 # "cpu_amx": a CPU with AMX tiles, bfloat16 dense layers on oneDNN
-# (model.dense_grads=onednn). Where no row shows bfloat16 ahead (another CPU, a GPU,
-# the image families, whose bfloat16 steps stayed 7-44% slower even with their
-# convolutions on oneDNN) auto is float32.
+# (model.dense_grads=onednn), and convolutions on oneDNN (model.conv=onednn). Where
+# no row shows bfloat16 ahead (another CPU, a GPU, the VAE and the U-Net, whose
+# bfloat16 steps stayed 8-25% slower with their convolutions on oneDNN) auto is
+# float32.
 BF16_FROM_PARAMS = {
     # The baby LM (10.8M) stepped in 3,824-3,851 ms in bfloat16 against 6,264-6,577
     # in float32; the nano LM (0.8M) was level (31.0-33.1 against 28.3-31.5 ms).
     ("cpu_amx", "lm"): 10_000_000,
+    # The 28x28 DCGAN (13.2M) in 109.9-112.4 ms against 163.5-167.4 (batch 64).
+    ("cpu_amx", "gan"): 13_000_000,
 }
 
 
@@ -96,10 +99,10 @@ FORWARD_CONV_MIN_SIZE = 16
 
 # A bfloat16 run's convolutions as oneDNN matmuls (model.conv=onednn) where oneDNN
 # drives the CPU's bfloat16 units, for the families whose bfloat16 steps that made
-# faster than XLA's bfloat16 convolutions: the 28x28 DCGAN 255 -> 192 ms, the
-# Fashion-MNIST U-Net 982 -> 836 ms; the conv VAE's narrower convolutions went
-# 84 -> 95 ms, so it keeps `forward` (benchmarks/README.md).
-ONEDNN_CONV_FAMILIES = ("gan", "diffusion")
+# faster than XLA's bfloat16 convolutions (`forward`), with the patches gathered by
+# oneDNN's library: the 28x28 DCGAN 255 -> 110-112 ms, the Fashion-MNIST U-Net
+# 982-1063 -> 626-714 ms, the conv VAE 77-80 -> 65-69 ms (benchmarks/README.md).
+ONEDNN_CONV_FAMILIES = ("gan", "diffusion", "vae")
 
 
 def conv(backend: str, image_hw: tuple[int, int] = (0, 0), bf16_onednn: bool = False) -> str:
