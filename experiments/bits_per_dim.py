@@ -22,6 +22,9 @@ compare image by image:
     python experiments/bits_per_dim.py runs/diff28 --images 120 \
         --bounds gaussian:0.005 --against vae.npz
 
+and two saved files compare without recomputing either
+(`python experiments/bits_per_dim.py diff28.npz --against vae.npz`).
+
 Two runs compare on the same images the same way: `--save a.npz` keeps one
 run's per-image values, and `--against a.npz` adds, under each of another
 run's bounds, its paired difference to the saved run's value for that bound,
@@ -34,6 +37,7 @@ or to its only bound where it scored one (the same split, images and seed):
 """
 import argparse
 import math
+import os
 
 import jax
 import numpy as np
@@ -134,7 +138,8 @@ def against_row(bound, bpd: np.ndarray, saved, name: str) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("workdir")
+  parser.add_argument("workdir", help="a run's workdir, or an .npz that --save wrote (its "
+                      "values as saved, for --against: nothing is recomputed)")
   parser.add_argument("--bounds", nargs="+", type=parse_bound, default=[("uniform", 0.0)])
   parser.add_argument("--images", type=int, default=0, help="0: the whole split")
   parser.add_argument("--split", choices=("test", "train"), default="test")
@@ -147,10 +152,16 @@ def main() -> None:
   args = parser.parse_args()
   if args.images < 0 or args.probes < 0:
     parser.error("--images and --probes must be >= 0")
+  load = lambda path, flag: dict(np.load(path)) if os.path.isfile(path) else parser.error(
+      f"{flag}{path}: no such file")
+  values = load(args.workdir, "") if args.workdir.endswith(".npz") else None
+  if values is not None:  # what another invocation saved: its split, seed and images
+    args.split, args.seed, args.images = (str(values["split"]), int(values["seed"]),
+                                          values["bpd"].shape[1])
   saved = None
   if args.against:
     try:
-      saved = dict(np.load(args.against))
+      saved = load(args.against, "--against ")
     except (OSError, ValueError) as e:
       parser.error(f"--against {args.against}: {e}")
     scored = (str(saved["split"]), int(saved["seed"]), saved["bpd"].shape[1])
@@ -159,7 +170,15 @@ def main() -> None:
                    f"{scored[1]}: use the same --images, --split and --seed")
   print(f"| bound | sigma | bits/dim ({args.split}, mean +- se) | against the first row "
         "(paired, +- se) |\n| --- | --- | --- | --- |", flush=True)
-  bpd, step = table(args.workdir, args.bounds, args.images, args.split, args.probes, args.seed)
+  if values is not None:
+    args.bounds = [(kind, float(value)) for kind, _, value in
+                   (str(b).partition(":") for b in values["bounds"])]
+    bpd, step = values["bpd"], int(values["step"])
+    for (kind, value), row in zip(args.bounds, bpd):
+      print(markdown_row(kind, value, row, bpd[0]), flush=True)
+  else:
+    bpd, step = table(args.workdir, args.bounds, args.images, args.split, args.probes,
+                      args.seed)
   if saved is not None:
     for bound, row in zip(args.bounds, bpd):
       print(against_row(bound, row, saved, args.against), flush=True)

@@ -404,6 +404,8 @@ def test_bits_per_dim_compares_a_diffusion_run_with_a_vae_image_by_image(
   diff = ode - np.load(saved)["bpd"][0]
   assert row.startswith(f"| gaussian:0.05 against iwae:64 of {saved} | | ")
   assert row.endswith(f" | {diff.mean():+.4f} +- {diff.std() / math.sqrt(5):.4f} |"), row
+  run(str(tmp_path / "d.npz"), "--against", saved)  # the saved values, nothing recomputed
+  assert capsys.readouterr().out.splitlines()[-1] == row
   with pytest.raises(SystemExit) as exit_:
     run(vae_dir, "--images", "5", "--bounds", "gaussian:0.05")
   assert "a VAE takes iwae:K bounds" in str(exit_.value)
