@@ -3,6 +3,7 @@
     pip install torch --index-url https://download.pytorch.org/whl/cpu  # not a genflax dependency
     python -m benchmarks.torch_reference --config configs/vae_fashion.py:conv data.batch_size=256
     python -m benchmarks.torch_reference --config configs/dcgan_fashion.py data.batch_size=256
+    python -m benchmarks.torch_reference --config configs/dcgan_fashion.py --dtype bfloat16 ...
 
 Builds the network a genflax config describes (the conv VAE with its
 discretised-Gaussian ELBO; the DCGAN with one D step on real and fake in one
@@ -216,21 +217,37 @@ def matmul_peak(sizes=(1024, 2048), repeats: int = 5) -> float:
   return best
 
 
-def build(config, channels_last: bool = False):
-  """([the networks], a train step -> a tuple of its losses) of the image model `config` describes."""
+def autocast(forward):
+  """A network's forward under PyTorch's mixed precision on CPU (torch.autocast in
+  bfloat16: float32 parameters, bfloat16 convolutions and matmuls), its outputs
+  back in float32 for the losses, as genflax's model.dtype=bfloat16 does."""
+  def run(*args):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+      out = forward(*args)
+    return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+  return run
+
+
+def build(config, channels_last: bool = False, dtype: str = "float32"):
+  """([the networks], a train step -> a tuple of its losses) of the image model `config`
+  describes, computing in dtype (bfloat16: under torch.autocast)."""
   info = INFOS[config.data.name]
   layout = torch.channels_last if channels_last else torch.contiguous_format
   torch.manual_seed(config.seed)
-  return {"vae": vae_step, "gan": gan_step}[config.task](config, info, layout)
+  networks, step = {"vae": vae_step, "gan": gan_step}[config.task](config, info, layout)
+  if dtype == "bfloat16":
+    for net in networks:
+      net.forward = autocast(net.forward)
+  return networks, step
 
 
 def run(config, steps: int, warmup: int, channels_last: bool = False, compile_: bool = False,
-        peak_sizes=(1024, 2048)) -> dict:
+        peak_sizes=(1024, 2048), dtype: str = "float32") -> dict:
   """Times `steps` train steps after `warmup`; the peak, PyTorch's and JAX's best
   matmul, is measured before and after them and the highest kept."""
   task = trainer.load_task(config.task)
   flops = task.train_flops(task.build(config, INFOS[config.data.name])) * config.data.batch_size
-  _, step = build(config, channels_last)
+  _, step = build(config, channels_last, dtype)
   if compile_:
     step = torch.compile(step)
   peaks = [matmul_peak(peak_sizes), hot_loop.matmul_peak(peak_sizes)]
@@ -245,7 +262,8 @@ def run(config, steps: int, warmup: int, channels_last: bool = False, compile_: 
   median, peak = statistics.median(times), max(peaks)
   return {
       "framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-      "channels_last": channels_last, "compile": compile_, "batch": config.data.batch_size,
+      "channels_last": channels_last, "compile": compile_, "dtype": dtype,
+      "batch": config.data.batch_size,
       "step_ms": 1e3 * median,
       "step_ms_p10_p90": [1e3 * hot_loop.percentile(times, q) for q in (10, 90)],
       "gflop_per_step": flops / 1e9, "peak_matmul_gflops_per_s": peak / 1e9,
@@ -262,10 +280,13 @@ def main():
                       help="NHWC tensors (torch.channels_last) instead of NCHW")
   parser.add_argument("--compile", action="store_true",
                       help="the step through torch.compile (inductor; needs a C++ compiler)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="bfloat16: the forward passes under torch.autocast")
   parser.add_argument("overrides", nargs="*", help="config overrides: key=value")
   args = parser.parse_args()
   config = hot_loop.load_config(args.config, args.overrides)
-  results = run(config, args.steps, args.warmup, args.channels_last, args.compile)
+  results = run(config, args.steps, args.warmup, args.channels_last, args.compile,
+                dtype=args.dtype)
   print(json.dumps({"config": args.config, "overrides": args.overrides, **results}))
 
 

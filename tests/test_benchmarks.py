@@ -228,6 +228,11 @@ def test_torch_reference_builds_genflax_networks_and_times_their_step(name, arg)
           == sorted(p.numel() for net in networks for p in net.parameters()))
   losses = [torch.stack(step()) for _ in range(3)]
   assert all(torch.isfinite(loss).all() for loss in losses)
+  networks, step = torch_reference.build(config, dtype="bfloat16")  # under torch.autocast
+  seen = []  # the dtype of the last layer's output
+  list(networks[-1].modules())[-1].register_forward_hook(lambda *args: seen.append(args[2].dtype))
+  assert torch.isfinite(torch.stack(step())).all()
+  assert seen and set(seen) == {torch.bfloat16}, seen
   results = torch_reference.run(config, steps=2, warmup=1, channels_last=True, peak_sizes=(256,))
   assert results["gflop_per_step"] == pytest.approx(task.train_flops(setup) * 16 / 1e9)
   assert 0 < results["mfu"] < 1.5 and results["channels_last"]
