@@ -34,6 +34,7 @@ import numpy as np
 
 TARGET = "genflax_onednn_matmul"
 IM2COL, COL2IM = "genflax_onednn_im2col", "genflax_onednn_col2im"
+FLAGS = "-O3"  # vectorises col2im's float32 accumulation (-O2 leaves it scalar)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_matmul.cc")
 
 
@@ -81,7 +82,7 @@ def _build(torch) -> str:
   """The handler's shared library, compiled once per source, PyTorch and jaxlib."""
   with open(SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(source + f"{torch.__version__} {jax.__version__}".encode()).hexdigest()
+  key = hashlib.sha256(source + f"{torch.__version__} {jax.__version__} {FLAGS}".encode()).hexdigest()
   folder = os.path.join(cache_dir(), key[:16])
   path = os.path.join(folder, "libgenflax_onednn.so")
   if os.path.exists(path):
@@ -96,7 +97,7 @@ def _build(torch) -> str:
     torch_dir = os.path.dirname(torch.__file__)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
-    command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", SOURCE, "-o", tmp,
+    command = [compiler, *FLAGS.split(), "-shared", "-fPIC", "-std=c++17", "-w", SOURCE, "-o", tmp,
                f"-I{jax.ffi.include_dir()}", f"-I{torch_dir}/include",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                f"-L{torch_dir}/lib", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir}/lib"]
