@@ -65,15 +65,16 @@ def decode_dtype(backend: str, dtype: str) -> str:
 # of machine, alternated in one sitting (benchmarks/README.md, "model.dtype=auto").
 # "cpu_amx": a CPU with AMX tiles, bfloat16 dense layers on oneDNN
 # (model.dense_grads=onednn), and convolutions on oneDNN (model.conv=onednn). Where
-# no row shows bfloat16 ahead (another CPU, a GPU, the VAE and the U-Net, whose
-# bfloat16 steps stayed 8-25% slower with their convolutions on oneDNN) auto is
-# float32.
+# no row shows bfloat16 ahead (another CPU, a GPU, the conv VAE, level in both)
+# auto is float32.
 BF16_FROM_PARAMS = {
     # The baby LM (10.8M) stepped in 3,824-3,851 ms in bfloat16 against 6,264-6,577
     # in float32; the nano LM (0.8M) was level (31.0-33.1 against 28.3-31.5 ms).
     ("cpu_amx", "lm"): 10_000_000,
     # The 28x28 DCGAN (13.2M) in 109.9-112.4 ms against 163.5-167.4 (batch 64).
     ("cpu_amx", "gan"): 13_000_000,
+    # The Fashion-MNIST U-Net (0.92M) in 461.9-485.5 ms against 532-553 (batch 128).
+    ("cpu_amx", "diffusion"): 900_000,
 }
 
 
