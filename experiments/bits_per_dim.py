@@ -37,7 +37,6 @@ or to its only bound where it scored one (the same split, images and seed):
 """
 import argparse
 import math
-import os
 
 import jax
 import numpy as np
@@ -96,12 +95,12 @@ def table(workdir: str, bounds, images: int, split: str, probes: int, seed: int 
   if split == "train":  # as many as asked, not the first (the files may be sorted)
     rows = np.random.RandomState(seed).permutation(len(train["image"]))[:images or None]
     test = {k: v[rows] for k, v in train.items()}
+  if task is vae:  # the first `images` (diffusion.bits_per_dim takes eval.nll_images)
+    test = {key: v[:images or None] for key, v in test.items()}
   out = []
   for kind, value in bounds:
     if task is vae:
-      subset = {key: v[:images or None] for key, v in test.items()}
-      out.append(vae_bits_per_dim(setup, state["params"], subset, value,
-                                  jax.random.PRNGKey(seed)))
+      out.append(vae_bits_per_dim(setup, state["params"], test, value, jax.random.PRNGKey(seed)))
     else:
       c.eval.nll_images, c.eval.nll_probes = images, probes
       c.eval.nll_dequantization, c.eval.nll_sigma = kind, value
@@ -152,18 +151,19 @@ def main() -> None:
   args = parser.parse_args()
   if args.images < 0 or args.probes < 0:
     parser.error("--images and --probes must be >= 0")
-  load = lambda path, flag: dict(np.load(path)) if os.path.isfile(path) else parser.error(
-      f"{flag}{path}: no such file")
+  def load(path: str, flag: str) -> dict:
+    try:
+      return dict(np.load(path))
+    except (OSError, ValueError) as e:
+      parser.error(f"{flag}{path}: {e}")
+
   values = load(args.workdir, "") if args.workdir.endswith(".npz") else None
   if values is not None:  # what another invocation saved: its split, seed and images
     args.split, args.seed, args.images = (str(values["split"]), int(values["seed"]),
                                           values["bpd"].shape[1])
   saved = None
   if args.against:
-    try:
-      saved = load(args.against, "--against ")
-    except (OSError, ValueError) as e:
-      parser.error(f"--against {args.against}: {e}")
+    saved = load(args.against, "--against ")
     scored = (str(saved["split"]), int(saved["seed"]), saved["bpd"].shape[1])
     if scored[:2] != (args.split, args.seed) or args.images not in (0, scored[2]):
       parser.error(f"--against {args.against} scored {scored[2]} {scored[0]} images with seed "

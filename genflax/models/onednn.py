@@ -82,7 +82,8 @@ def _build(torch) -> str:
   """The handler's shared library, compiled once per source, PyTorch and jaxlib."""
   with open(SOURCE, "rb") as f:
     source = f.read()
-  key = hashlib.sha256(source + f"{torch.__version__} {jax.__version__} {FLAGS}".encode()).hexdigest()
+  versions = f"{torch.__version__} {jax.__version__} {FLAGS}"
+  key = hashlib.sha256(source + versions.encode()).hexdigest()
   folder = os.path.join(cache_dir(), key[:16])
   path = os.path.join(folder, "libgenflax_onednn.so")
   if os.path.exists(path):
@@ -97,7 +98,8 @@ def _build(torch) -> str:
     torch_dir = os.path.dirname(torch.__file__)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
-    command = [compiler, *FLAGS.split(), "-shared", "-fPIC", "-std=c++17", "-w", SOURCE, "-o", tmp,
+    command = [compiler, *FLAGS.split(), "-shared", "-fPIC", "-std=c++17", "-w", SOURCE,
+               "-o", tmp,
                f"-I{jax.ffi.include_dir()}", f"-I{torch_dir}/include",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                f"-L{torch_dir}/lib", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir}/lib"]
@@ -110,11 +112,16 @@ def _build(torch) -> str:
   return path
 
 
-def _call(a, b, m: int, n: int, transpose_a: bool = False, transpose_b: bool = False):
-  """[m, n] = op(a) @ op(b) in bfloat16, through the handler (registered on first use)."""
+def _require(what: str) -> None:
+  """Registers the handlers on first use; raises, saying why, where they cannot be."""
   why = unavailable()
   if why is not None:
-    raise RuntimeError(f"the oneDNN matmul cannot run here: {why}")
+    raise RuntimeError(f"the oneDNN {what} cannot run here: {why}")
+
+
+def _call(a, b, m: int, n: int, transpose_a: bool = False, transpose_b: bool = False):
+  """[m, n] = op(a) @ op(b) in bfloat16, through the handler (registered on first use)."""
+  _require("matmul")
   return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.bfloat16))(
       a, b, transpose_a=transpose_a, transpose_b=transpose_b)
 
@@ -173,9 +180,7 @@ matmul_tn.defvjp(lambda a, b: (matmul_tn(a, b), (a, b)), _tn_bwd)
 # other's VJP, so gradients of any order stay here.
 
 def _taps_call(target: str, operand, shape, kernel_hw, strides, pads):
-  why = unavailable()
-  if why is not None:
-    raise RuntimeError(f"the oneDNN patches cannot run here: {why}")
+  _require("patches")
   (kh, kw), (sh, sw), ((ph, _), (pw, _)) = kernel_hw, strides, pads
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.bfloat16))(
       operand, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(sh), sw=np.int64(sw),
